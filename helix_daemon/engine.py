@@ -1,0 +1,302 @@
+"""The synchronous engine: one call to ``step()`` is one scheduling iteration over every sequence.
+
+schedule -> draft -> one packed target forward -> accept (rejection sampling) -> postprocess.
+It runs in one thread; the daemon feeds it requests and drains its outputs between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from helix_daemon.device import kv_budget_bytes, resolve_device, resolve_dtype
+from helix_daemon.drafting import Drafter, make_drafter
+from helix_daemon.model_runner import ModelRunner
+from kvpool.allocator import BlockAllocator
+from kvpool.attention import SeqSpan, build_metadata
+from kvpool.kv_cache import num_blocks_for_budget
+from scheduler.detokenizer import IncrementalDetokenizer, StopMatcher
+from scheduler.errors import InvalidRequestError
+from scheduler.params import RequestParams
+from scheduler.rejection import rejection_sample
+from scheduler.sampling import make_generator, sample, shape_probs
+from scheduler.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SeqUpdate, StepPlan
+from scheduler.speculation import AdaptiveDraftPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str
+    draft: str = "none"  # none | ngram | hub id or folder of a draft model
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_memory: float = 0.3  # <= 1: fraction of free device memory; > 1: bytes
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools)
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    num_speculative_tokens: int = 4  # most draft tokens per sequence and step
+    adaptive_speculation: bool = True
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (the daemon turns it into stream events)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_draft_proposed: int
+    num_draft_accepted: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    num_steps: int
+    num_draft_proposed: int
+    num_draft_accepted: int
+    peak_kv_blocks_used: int
+    kv_slots_allocated: int  # summed over steps: slots held by live blocks
+    kv_slots_used: int  # summed over steps: slots holding a token
+
+
+class TextStream:
+    """Detokenizer plus stop-string matcher for one sequence (the scheduler's ``TextStream``)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prefix_ids: Seq[int],
+                 stop: Seq[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prefix_ids)
+        self._stop = StopMatcher(stop)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        return self._stop.feed(self._detok.push(token_id))
+
+    def flush(self) -> str:
+        text, _stopped = self._stop.feed(self._detok.flush())
+        return text + self._stop.flush()
+
+
+@dataclass(slots=True)
+class _Batch:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    spans: list[SeqSpan] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, target: ModelRunner,
+                 tokenizer: PreTrainedTokenizerBase, drafter: Drafter | None = None) -> None:
+        self.config = config
+        self.target = target
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.device = target.device
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+        self.allocator = BlockAllocator(num_blocks)
+        target.allocate_cache(num_blocks, config.block_size)
+        if drafter is not None:
+            drafter.allocate_cache(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                block_size=config.block_size,
+                max_context=target.max_context,
+                num_speculative_tokens=config.num_speculative_tokens if drafter else 0,
+            ),
+            self.allocator,
+            eos_token_ids=_eos_ids(target, tokenizer),
+            draft_policy=AdaptiveDraftPolicy(adaptive=config.adaptive_speculation,
+                                             draft_cost=drafter.relative_cost if drafter else 0.0)
+            if drafter else None,
+        )
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        if drafter is not None:
+            drafter.generators = self._generators  # draft sampling draws from the same streams
+        self._num_steps = 0
+        self._num_proposed = 0
+        self._num_accepted = 0
+        self._peak_blocks = 0
+        self._slots_allocated = 0
+        self._slots_used = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        target = ModelRunner(config.model, dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        drafter = make_drafter(config.draft, target, tokenizer)
+        return cls(config, target, tokenizer, drafter)
+
+    def _blocks_for_budget(self) -> int:
+        specs = [self.target.kv_spec] + ([self.drafter.kv_spec] if self.drafter
+                                         and self.drafter.kv_spec else [])
+        budget = kv_budget_bytes(self.config.kv_cache_memory, self.device)
+        return max(1, num_blocks_for_budget(specs, budget, self.config.block_size))
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: RequestParams,
+                    forced_output_ids: Seq[int] = ()) -> None:
+        """Queue a request; raises ``InvalidRequestError`` (the engine keeps serving others)."""
+        prompt_ids = self._prompt_ids(prompt)
+        vocab = self.target.vocab_size
+        if any(not 0 <= t < vocab for t in (*prompt_ids, *forced_output_ids)):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        text = TextStream(self.tokenizer, [*prompt_ids, *forced_output_ids], params.stop)
+        self.scheduler.add(request_id, prompt_ids, params, forced_output_ids, text)
+        self._generators[request_id] = make_generator(params.sampling.seed, self.device)
+
+    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return [int(t) for t in prompt]
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        sampled: list[list[int]] = []
+        if plan.scheduled:
+            if self.drafter is not None:
+                self.drafter.propose(plan)
+            sampled = self._run(plan)
+            self._num_steps += 1
+        self._account_kv()
+        updates = self.scheduler.postprocess(plan, sampled)
+        return [self._output(u) for u in updates]
+
+    def _run(self, plan: StepPlan) -> list[list[int]]:
+        batch = _pack(plan, self.config.block_size)
+        meta = build_metadata(batch.spans, self.config.block_size, self.device)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        logits = self.target.forward(as_tensor(batch.input_ids), as_tensor(batch.positions), meta,
+                                     as_tensor(batch.logit_rows))
+        return self._accept(plan, logits)
+
+    def _accept(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
+        """Sample each sequence's next token(s); with drafts, rejection sampling keeps p exact."""
+        sampling = [s for s in plan.scheduled if s.samples]
+        params = [s.seq.params.sampling
+                  for s in sampling for _ in range(len(s.draft_token_ids) + 1)]
+        probs = shape_probs(logits.to(_sampling_dtype(logits)), params)
+        generators = [self._generators[s.seq.request_id] or self._default_generator
+                      for s in sampling]
+        if not any(s.draft_token_ids for s in sampling):
+            tokens = sample(probs, generators).tolist()
+            chosen = iter([[t] for t in tokens])
+        else:
+            chosen = iter(self._accept_drafts(sampling, probs, generators))
+        return [next(chosen) if s.samples else [] for s in plan.scheduled]
+
+    def _accept_drafts(self, sampling: list[ScheduledSeq], probs: torch.Tensor,
+                       generators: list[torch.Generator]) -> list[list[int]]:
+        max_k = max(len(s.draft_token_ids) for s in sampling)
+        vocab = probs.shape[-1]
+        target = probs.new_zeros(len(sampling), max_k + 1, vocab)
+        drafts = torch.zeros(len(sampling), max_k, dtype=torch.long)
+        num_drafts = torch.tensor([len(s.draft_token_ids) for s in sampling])
+        draft_probs = self.drafter.draft_probs(sampling, max_k, vocab, probs.dtype) \
+            if self.drafter is not None else None
+        row = 0
+        for i, item in enumerate(sampling):
+            k = len(item.draft_token_ids)
+            target[i, : k + 1] = probs[row: row + k + 1]
+            drafts[i, :k] = torch.tensor(item.draft_token_ids, dtype=torch.long)
+            row += k + 1
+        tokens, accepted = rejection_sample(target, draft_probs, drafts.to(probs.device),
+                                            num_drafts.to(probs.device), generators)
+        self._num_proposed += int(num_drafts.sum())
+        self._num_accepted += int(accepted.sum())
+        return [tokens[i, : int(accepted[i]) + 1].tolist() for i in range(len(sampling))]
+
+    def _output(self, update: SeqUpdate) -> RequestOutput:
+        seq = update.seq
+        if update.finished:
+            self._generators.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=update.new_token_ids,
+            text_delta=update.text_delta, finished=update.finished,
+            finish_reason=update.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_draft_proposed=seq.num_draft_proposed, num_draft_accepted=seq.num_draft_accepted,
+        )
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def _account_kv(self) -> None:
+        used_blocks = self.allocator.num_used
+        self._peak_blocks = max(self._peak_blocks, used_blocks)
+        self._slots_allocated += used_blocks * self.config.block_size
+        self._slots_used += sum(s.num_tokens for s in self.scheduler.running)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            kv_blocks_used=self.allocator.num_used, kv_blocks_total=self.allocator.num_blocks,
+            num_preemptions=s.num_preemptions, num_steps=self._num_steps,
+            num_draft_proposed=self._num_proposed, num_draft_accepted=self._num_accepted,
+            peak_kv_blocks_used=self._peak_blocks, kv_slots_allocated=self._slots_allocated,
+            kv_slots_used=self._slots_used,
+        )
+
+    def check_integrity(self) -> None:
+        self.allocator.check_integrity(self.scheduler.block_tables())
+
+
+def _pack(plan: StepPlan, block_size: int) -> _Batch:
+    """Lay every scheduled token of every sequence out as one packed row batch."""
+    batch = _Batch()
+    for item in plan.scheduled:
+        seq = item.seq
+        start = seq.num_computed
+        tokens = seq.token_ids[start: start + item.num_query_tokens] + item.draft_token_ids
+        first_row = len(batch.input_ids)
+        batch.input_ids += tokens
+        batch.positions += range(start, start + len(tokens))
+        assert seq.block_table is not None
+        batch.spans.append(SeqSpan(first_row, len(tokens), start + len(tokens),
+                                   seq.block_table.block_ids))
+        if item.samples:  # logits of the last real token and of every draft token
+            last_query = first_row + item.num_query_tokens - 1
+            batch.logit_rows += range(last_query, last_query + len(item.draft_token_ids) + 1)
+    return batch
+
+
+def _sampling_dtype(logits: torch.Tensor) -> torch.dtype:
+    # float64 models keep float64 so exactness tests are not blurred; half precision is widened
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _eos_ids(target: ModelRunner, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = getattr(target.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}

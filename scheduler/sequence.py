@@ -1,0 +1,75 @@
+"""One request's tokens and lifecycle: waiting -> running -> finished (preempted -> waiting)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence as Seq
+from typing import Protocol
+
+from kvpool.block_table import BlockTable
+from scheduler.params import RequestParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class TextStream(Protocol):
+    """Incremental text of one sequence: ``push`` a token, get its text delta and a stop flag."""
+
+    def push(self, token_id: int) -> tuple[str, bool]: ...
+
+    def flush(self) -> str: ...
+
+
+class Sequence:
+    """Prompt plus output tokens, how many of them have KV in the pool, and where it lives."""
+
+    def __init__(self, request_id: str, prompt_ids: Seq[int], params: RequestParams,
+                 arrival: int, forced_output_ids: Seq[int] = (),
+                 text: TextStream | None = None) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.arrival = arrival
+        self.num_prompt_tokens = len(prompt_ids)
+        # a resumed request continues after output it already streamed: that output is forced
+        self.token_ids: list[int] = [*prompt_ids, *forced_output_ids]
+        self.num_forced_tokens = len(forced_output_ids)
+        self.num_computed = 0  # tokens whose KV is in the pool
+        self.num_draft_computed = 0  # tokens whose draft-model KV is in the pool
+        self.status = SequenceStatus.WAITING
+        self.block_table: BlockTable | None = None
+        self.finish_reason: str | None = None
+        self.text = text
+        self.num_preemptions = 0
+        self.num_draft_proposed = 0
+        self.num_draft_accepted = 0
+        self.acceptance_ema: float | None = None  # recent draft acceptance, for adaptive K
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: lower priority value first, then first come first served."""
+        return (self.params.priority, self.arrival)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model: a prompt (chunk) or the last sampled token."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed})")
