@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 def _packed_step(runner: ModelRunner, tables: list[BlockTable], seqs: list[torch.Tensor],
                  chunks: dict[int, tuple[int, int]]) -> torch.Tensor:
-    """Run the token ranges ``chunks[i] = (start, end)`` of several sequences as one packed batch."""
+    """Run the token ranges ``chunks[i] = (start, end)`` of several sequences as one batch."""
     ids, positions, spans, rows = [], [], [], []
     row = 0
     for i, (start, end) in chunks.items():
