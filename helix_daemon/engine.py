@@ -6,6 +6,7 @@ It runs in one thread; the daemon feeds it requests and drains its outputs betwe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -110,6 +111,9 @@ class Engine:
         target.allocate_cache(num_blocks, config.block_size)
         if drafter is not None:
             drafter.allocate_cache(num_blocks, config.block_size)
+        self._policy = AdaptiveDraftPolicy(
+            adaptive=config.adaptive_speculation, draft_cost=drafter.relative_cost,
+        ) if drafter is not None else None
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -120,14 +124,14 @@ class Engine:
             ),
             self.allocator,
             eos_token_ids=_eos_ids(target, tokenizer),
-            draft_policy=AdaptiveDraftPolicy(adaptive=config.adaptive_speculation,
-                                             draft_cost=drafter.relative_cost if drafter else 0.0)
-            if drafter else None,
+            draft_policy=self._policy,
         )
         self._generators: dict[str, torch.Generator | None] = {}
         self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         if drafter is not None:
-            drafter.generators = self._generators  # draft sampling draws from the same streams
+            # draft sampling draws from the same per-request streams
+            drafter.generators = self._generators
+            drafter.default_generator = self._default_generator
         self._num_steps = 0
         self._num_proposed = 0
         self._num_accepted = 0
@@ -159,7 +163,11 @@ class Engine:
         vocab = self.target.vocab_size
         if any(not 0 <= t < vocab for t in (*prompt_ids, *forced_output_ids)):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
-        text = TextStream(self.tokenizer, [*prompt_ids, *forced_output_ids], params.stop)
+        text = TextStream(self.tokenizer, prompt_ids, params.stop)
+        # replay what an earlier attempt streamed so held-back text (a partial character or a
+        # possible stop-string prefix) is in the same state as in an uninterrupted run
+        for token_id in forced_output_ids:
+            text.push(token_id)
         self.scheduler.add(request_id, prompt_ids, params, forced_output_ids, text)
         self._generators[request_id] = make_generator(params.sampling.seed, self.device)
 
@@ -183,38 +191,49 @@ class Engine:
         sampled: list[list[int]] = []
         if plan.scheduled:
             if self.drafter is not None:
-                self.drafter.propose(plan)
+                self._propose(plan)
             sampled = self._run(plan)
             self._num_steps += 1
         self._account_kv()
         updates = self.scheduler.postprocess(plan, sampled)
         return [self._output(u) for u in updates]
 
+    def _propose(self, plan: StepPlan) -> None:
+        assert self.drafter is not None
+        num_passes = max(s.num_draft_slots for s in plan.scheduled)
+        started = time.perf_counter()
+        self.drafter.propose(plan)
+        if num_passes and self._policy is not None:
+            self._policy.observe_draft_pass((time.perf_counter() - started) / num_passes)
+
     def _run(self, plan: StepPlan) -> list[list[int]]:
+        started = time.perf_counter()
         batch = _pack(plan, self.config.block_size)
         meta = build_metadata(batch.spans, self.config.block_size, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         logits = self.target.forward(as_tensor(batch.input_ids), as_tensor(batch.positions), meta,
                                      as_tensor(batch.logit_rows))
-        return self._accept(plan, logits)
+        sampled = self._accept(plan, logits)
+        if self._policy is not None:
+            self._policy.observe_target(len(batch.input_ids), time.perf_counter() - started)
+        return sampled
 
     def _accept(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
         """Sample each sequence's next token(s); with drafts, rejection sampling keeps p exact."""
         sampling = [s for s in plan.scheduled if s.samples]
         params = [s.seq.params.sampling
                   for s in sampling for _ in range(len(s.draft_token_ids) + 1)]
-        probs = shape_probs(logits.to(_sampling_dtype(logits)), params)
-        generators = [self._generators[s.seq.request_id] or self._default_generator
-                      for s in sampling]
+        probs = shape_probs(logits, params)
+        generators = [self._generators[s.seq.request_id] for s in sampling]
         if not any(s.draft_token_ids for s in sampling):
-            tokens = sample(probs, generators).tolist()
+            tokens = sample(probs, generators, self._default_generator).tolist()
             chosen = iter([[t] for t in tokens])
         else:
             chosen = iter(self._accept_drafts(sampling, probs, generators))
         return [next(chosen) if s.samples else [] for s in plan.scheduled]
 
     def _accept_drafts(self, sampling: list[ScheduledSeq], probs: torch.Tensor,
-                       generators: list[torch.Generator]) -> list[list[int]]:
+                       generators: list[torch.Generator | None]) -> list[list[int]]:
         max_k = max(len(s.draft_token_ids) for s in sampling)
         vocab = probs.shape[-1]
         target = probs.new_zeros(len(sampling), max_k + 1, vocab)
@@ -229,7 +248,8 @@ class Engine:
             drafts[i, :k] = torch.tensor(item.draft_token_ids, dtype=torch.long)
             row += k + 1
         tokens, accepted = rejection_sample(target, draft_probs, drafts.to(probs.device),
-                                            num_drafts.to(probs.device), generators)
+                                            num_drafts.to(probs.device), generators,
+                                            self._default_generator)
         self._num_proposed += int(num_drafts.sum())
         self._num_accepted += int(accepted.sum())
         return [tokens[i, : int(accepted[i]) + 1].tolist() for i in range(len(sampling))]
@@ -286,11 +306,6 @@ def _pack(plan: StepPlan, block_size: int) -> _Batch:
             last_query = first_row + item.num_query_tokens - 1
             batch.logit_rows += range(last_query, last_query + len(item.draft_token_ids) + 1)
     return batch
-
-
-def _sampling_dtype(logits: torch.Tensor) -> torch.dtype:
-    # float64 models keep float64 so exactness tests are not blurred; half precision is widened
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _eos_ids(target: ModelRunner, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -27,7 +27,8 @@ class ModelDrafter:
         self.kv_spec: KVCacheSpec | None = runner.kv_spec
         self.relative_cost = relative_cost
         self.target_vocab = target_vocab
-        self.generators: dict[str, torch.Generator | None] = {}
+        self.generators: dict[str, torch.Generator | None] = {}  # set by the engine
+        self.default_generator: torch.Generator | None = None
         self._probs: dict[int, torch.Tensor] = {}  # id(item) -> q of its drafts [k, vocab]
 
     @classmethod
@@ -62,7 +63,8 @@ class ModelDrafter:
         for step in range(max(s.num_draft_slots for s in items)):
             active = [s for s in items if s.num_draft_slots > step]
             probs = self._forward(active, feeds)
-            tokens = sample(probs, [self.generators.get(s.seq.request_id) for s in active])
+            tokens = sample(probs, [self.generators.get(s.seq.request_id) for s in active],
+                            self.default_generator)
             for i, item in enumerate(active):
                 item.draft_token_ids.append(int(tokens[i]))
                 drafts[id(item)].append(probs[i])

@@ -49,5 +49,38 @@ def build_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0,
     if with_tokenizer:
         from helix_daemon.tiny_tokenizer import build_tokenizer
 
-        build_tokenizer(vocab_size=config.vocab_size).save_pretrained(path)
+        # a model with a tiny vocabulary still gets a usable tokenizer: its ids decode to bytes
+        build_tokenizer(vocab_size=max(config.vocab_size, 512)).save_pretrained(path)
     return path
+
+
+def build_draft_target_pair(draft_path: str | Path, target_path: str | Path, *,
+                            extra_layers: int = 2, residual_scale: float = 0.1, seed: int = 0,
+                            **config_kwargs: int) -> tuple[Path, Path]:
+    """A Llama draft and a deeper target that agree the way a real pair does, most of the time.
+
+    Random independent models almost never agree, which would make speculation look useless.
+    Here the target is the draft plus ``extra_layers`` whose output projections are scaled by
+    ``residual_scale``: its embeddings, first layers and head are the draft's, and the extra
+    layers nudge the distribution. Smaller ``residual_scale`` means higher acceptance.
+    """
+    draft_path = build_tiny_model(draft_path, "llama", seed=seed, **config_kwargs)
+    draft = AutoModelForCausalLM.from_pretrained(draft_path)
+    num_draft_layers = draft.config.num_hidden_layers
+    config = tiny_config("llama", num_layers=num_draft_layers + extra_layers, **config_kwargs)
+    torch.manual_seed(seed + 1)
+    target = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in target.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.08)
+        target.load_state_dict(draft.state_dict(), strict=False)
+        for layer in target.model.layers[num_draft_layers:]:
+            layer.self_attn.o_proj.weight.mul_(residual_scale)
+            layer.mlp.down_proj.weight.mul_(residual_scale)
+    target_path = Path(target_path)
+    target.save_pretrained(target_path)
+    from helix_daemon.tiny_tokenizer import build_tokenizer
+
+    build_tokenizer(vocab_size=max(config.vocab_size, 512)).save_pretrained(target_path)
+    return draft_path, target_path

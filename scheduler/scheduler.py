@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kvpool.allocator import BlockAllocator
 from kvpool.block_table import BlockTable
@@ -21,7 +22,11 @@ from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
 from scheduler.sequence import Sequence, SequenceStatus, TextStream
 
-DraftPolicy = Callable[[Sequence, int], int]  # (sequence, max K) -> K for this step
+
+class DraftPolicy(Protocol):
+    def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
+        """K for each decoding sequence this step, each at most its cap."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,25 +158,31 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         decoding = [s for s in self.running if s.num_uncomputed == 1]
         prefilling = [s for s in self.running if s.num_uncomputed > 1]
-        for seq in decoding:
+        drafts = self._num_drafts(decoding, budget, sum(s.num_uncomputed for s in prefilling))
+        for seq, num_drafts in zip(decoding, drafts):
             if seq.status is SequenceStatus.RUNNING and budget > 0:
-                budget -= self._schedule_running(seq, 1, self._num_drafts(seq, budget - 1), plan)
+                num_drafts = min(num_drafts, budget - 1)
+                budget -= self._schedule_running(seq, 1, num_drafts, plan)
         for seq in prefilling:
             if seq.status is SequenceStatus.RUNNING and budget > 0:
                 budget -= self._schedule_running(seq, min(seq.num_uncomputed, budget), 0, plan)
         self._admit_waiting(budget, plan)
         return plan
 
-    def _num_drafts(self, seq: Sequence, spare_budget: int) -> int:
+    def _num_drafts(self, decoding: list[Sequence], budget: int, num_prefill: int) -> list[int]:
         if self.draft_policy is None:
-            return 0
-        limit = self.config.num_speculative_tokens
+            return [0] * len(decoding)
+        spare = max(0, budget - len(decoding) - num_prefill)
+        caps = [min(self._draft_cap(seq), spare) for seq in decoding]
+        return self.draft_policy.choose(decoding, caps, min(num_prefill, budget))
+
+    def _draft_cap(self, seq: Sequence) -> int:
+        cap = self.config.num_speculative_tokens
         if seq.params.num_speculative_tokens is not None:
-            limit = min(limit, seq.params.num_speculative_tokens)
+            cap = min(cap, seq.params.num_speculative_tokens)
         # drafts past max_tokens or the context end would be thrown away
-        limit = min(limit, spare_budget, seq.params.max_tokens - seq.num_output_tokens - 1,
-                    self.config.max_context - seq.num_tokens)
-        return self.draft_policy(seq, limit) if limit > 0 else 0
+        return max(0, min(cap, seq.params.max_tokens - seq.num_output_tokens - 1,
+                          self.config.max_context - seq.num_tokens - 1))
 
     def _schedule_running(self, seq: Sequence, num_query: int, num_drafts: int,
                           plan: StepPlan) -> int:

@@ -1,32 +1,101 @@
-"""How many draft tokens (K) each sequence gets this step."""
+"""Adaptive speculation: how many draft tokens (K) each sequence gets this step.
+
+A step's time is modelled as ``a + b * n + d * k_max``: ``n`` tokens through the target (each
+verify slot costs ``b``) and ``k_max`` draft passes (each costs ``d``). A sequence with acceptance
+rate α expects ``(1 - α^(K+1)) / (1 - α)`` tokens from K drafts. The policy picks the shared cap
+that maximises expected tokens per second for the whole batch, then drops each draft whose
+expected gain ``α^j`` is worth less than the time its verify slot costs at that rate. At low load
+(memory-bound, ``b`` tiny) this approaches the single-sequence theory; under heavy load
+(compute-bound, ``b * rate`` near 1) K falls to 0 and the step is plain decoding.
+``a``, ``b`` and ``d`` are fitted online from measured step times.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence as Seq
 
 from scheduler.sequence import Sequence
 
 
+class StepCostModel:
+    """Online least squares fit of ``seconds = a + b * num_tokens`` with exponential forgetting."""
+
+    def __init__(self, a: float = 1.0, b: float = 0.01, decay: float = 0.97) -> None:
+        self.a, self.b, self.decay = a, b, decay
+        self._sums = [0.0] * 5  # weight, n, t, n*n, n*t
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        n, t = float(num_tokens), seconds
+        self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, n, t, n * n, n * t))]
+        w, sn, st, snn, snt = self._sums
+        variance = w * snn - sn * sn
+        if variance > 1e-9 * max(1.0, w * snn):
+            b = (w * snt - sn * st) / variance
+            self.b = max(b, 0.0)
+            self.a = max((st - self.b * sn) / w, 1e-9)
+        else:  # every step the same size: keep b, refit the intercept
+            self.a = max(st / w - self.b * sn / w, 1e-9)
+
+
 class AdaptiveDraftPolicy:
-    """Pick K per sequence from its recent acceptance rate.
+    """Chooses K per sequence from its recent acceptance and the current batch."""
 
-    Expected tokens from K drafts at acceptance α are (1 - α^(K+1)) / (1 - α); each draft costs
-    ``draft_cost`` (one draft step relative to one target step) plus its verify slot. K grows while
-    the next draft's expected gain α^(K+1) beats that cost, so a sequence whose drafts keep being
-    rejected falls to K = 0 (plain decoding through the same path).
-    """
-
-    def __init__(self, adaptive: bool = True, draft_cost: float = 0.0,
-                 verify_cost: float = 0.02, prior_acceptance: float = 0.6) -> None:
+    def __init__(self, adaptive: bool = True, draft_cost: float = 0.05,
+                 prior_acceptance: float = 0.7) -> None:
         self.adaptive = adaptive
-        self.draft_cost = draft_cost
-        self.verify_cost = verify_cost
+        self.draft_cost = draft_cost  # draft pass / target step, until draft passes are timed
+        self.target = StepCostModel()
+        self.draft_pass = StepCostModel(b=0.0)
+        self.num_draft_observations = 0
         self.prior_acceptance = prior_acceptance
 
-    def __call__(self, seq: Sequence, max_k: int) -> int:
-        if not self.adaptive:
-            return max_k
-        alpha = seq.acceptance_ema if seq.acceptance_ema is not None else self.prior_acceptance
-        cost = self.draft_cost + self.verify_cost
-        k = 0
-        while k < max_k and alpha ** (k + 1) > cost * (1 + k * self.draft_cost):
-            k += 1
-        return k
+    def observe_target(self, num_tokens: int, seconds: float) -> None:
+        self.target.observe(num_tokens, seconds)
+
+    def observe_draft_pass(self, seconds: float) -> None:
+        self.draft_pass.observe(0, seconds)
+        self.num_draft_observations += 1
+
+    @property
+    def draft_pass_seconds(self) -> float:
+        if self.num_draft_observations:
+            return self.draft_pass.a
+        return self.draft_cost * self.target.a
+
+    def acceptance(self, seq: Sequence) -> float:
+        alpha = seq.acceptance_ema
+        return self.prior_acceptance if alpha is None else min(alpha, 0.99)
+
+    def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
+        """K for each sequence (at most its cap); ``num_other_tokens`` = prefill tokens etc."""
+        if not self.adaptive or not seqs:
+            return list(caps)
+        alphas = [self.acceptance(s) for s in seqs]
+        base = num_other_tokens + len(seqs)
+        best_rate, best_ks = self._rate(alphas, [0] * len(seqs), base), [0] * len(seqs)
+        for k_max in range(1, max(caps, default=0) + 1):
+            ks = [min(k_max, cap) for cap in caps]
+            ks = self._trim(alphas, ks, self._rate(alphas, ks, base))
+            rate = self._rate(alphas, ks, base)
+            if rate > best_rate:
+                best_rate, best_ks = rate, ks
+        for seq, k in zip(seqs, best_ks):
+            if k == 0 and seq.acceptance_ema is not None:  # drift back so it gets re-probed
+                seq.acceptance_ema += 0.05 * (self.prior_acceptance - seq.acceptance_ema)
+        return best_ks
+
+    def _rate(self, alphas: list[float], ks: list[int], base: int) -> float:
+        tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, ks))
+        seconds = (self.target.a + self.target.b * (base + sum(ks))
+                   + self.draft_pass_seconds * max(ks, default=0))
+        return tokens / seconds
+
+    def _trim(self, alphas: list[float], ks: list[int], rate: float) -> list[int]:
+        """Drop draft j of a sequence when its expected gain α^j is worth less than its slot."""
+        slot_value = self.target.b * rate
+        trimmed = []
+        for alpha, k in zip(alphas, ks):
+            while k > 0 and alpha ** k < slot_value:
+                k -= 1
+            trimmed.append(k)
+        return trimmed
