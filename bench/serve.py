@@ -1,0 +1,404 @@
+"""Serving benchmark: the same workload through Redis (daemon + client) and in-process.
+
+Producers enqueue a mixed workload at several arrival rates (Poisson, seeded; ``inf`` = all at
+once). Each rate runs twice on one loaded engine:
+
+* ``inproc``: requests go straight to an ``EngineWorker`` (the daemon's engine thread), outputs
+  come back through the event loop: the daemon minus Redis;
+* ``redis``: requests are ``XADD``ed by the client, served by a ``Daemon`` on the same engine, and
+  read back with the client's blocking ``XREAD`` (``stream()``), from a separate process.
+
+Reported per run: throughput (output tokens/s), TTFT and inter-token latency p50/p99 (measured
+where the tokens arrive), the Redis overhead (redis minus inproc) and, for the daemon, token
+events written per second. JSON goes to ``bench/results/serve.json``.
+
+    python bench/serve.py --quick            # ~1 minute on a laptop CPU
+    python bench/serve.py --model PATH --rates inf,5,20 --num-requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import redis.asyncio as aioredis  # noqa: E402
+
+from helix_daemon import protocol as p  # noqa: E402
+from helix_daemon.client import AsyncHelixClient  # noqa: E402
+
+# --- workload ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request of the workload and when (seconds after the start) it arrives."""
+
+    index: int
+    arrival_s: float
+    body: dict[str, Any]
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.body["max_tokens"])
+
+
+def make_workload(n: int, rate: float, vocab: int, seed: int = 0) -> list[Job]:
+    """Mixed prompts (8-96 tokens) and outputs (8-64 tokens), half greedy, half sampled.
+
+    ``ignore_eos`` keeps every output at ``max_tokens`` so both paths do identical work.
+    """
+    rng = random.Random(seed)
+    t = 0.0
+    jobs = []
+    for i in range(n):
+        if math.isfinite(rate):
+            t += rng.expovariate(rate)
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(8, 96))]
+        body: dict[str, Any] = {"prompt_token_ids": prompt, "max_tokens": rng.randint(8, 64),
+                                "ignore_eos": True}
+        if i % 2:
+            body.update(temperature=0.8, top_p=0.95, seed=i)
+        else:
+            body["temperature"] = 0.0
+        jobs.append(Job(i, t if math.isfinite(rate) else 0.0, body))
+    return jobs
+
+
+# --- measurements --------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """Arrival times of one request's tokens, as seen by whoever consumes them."""
+
+    submitted: float = 0.0
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens in chunk)
+    finished: float | None = None
+
+
+def summarize(traces: list[Trace], start: float, events_written: int = 0) -> dict[str, float]:
+    ttft = [t.chunks[0][0] - t.submitted for t in traces if t.chunks]
+    itl: list[float] = []
+    for trace in traces:
+        for (prev, _), (now, n) in zip(trace.chunks, trace.chunks[1:]):
+            # A chunk of n tokens (coalesced or speculative) counts as n gaps of equal size.
+            itl.extend([(now - prev) / n] * n)
+    end = max(t.finished or start for t in traces)
+    tokens = sum(n for t in traces for _, n in t.chunks)
+    wall = end - start
+    return {
+        "requests": len(traces), "output_tokens": tokens, "wall_s": round(wall, 4),
+        "throughput_tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
+        "itl_p50_ms": _ms(_pct(itl, 50)), "itl_p99_ms": _ms(_pct(itl, 99)),
+        "token_events": events_written,
+        "token_events_per_s": round(events_written / wall, 1) if wall > 0 else 0.0,
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def _sleep_until(t0: float, offset: float) -> None:
+    delay = t0 + offset - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+# --- in-process path -----------------------------------------------------------------------
+
+
+async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
+    """Feed the jobs to the daemon's engine thread directly; no Redis anywhere."""
+    from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
+
+    traces = {f"j{job.index}": Trace() for job in jobs}
+    all_done = asyncio.Event()
+    remaining = len(jobs)
+
+    def deliver(result: StepResult) -> None:
+        nonlocal remaining
+        now = time.perf_counter()
+        if result.fatal is not None or result.rejected:
+            raise RuntimeError(f"engine failed: {result.fatal or result.rejected}")
+        for out in result.outputs:
+            trace = traces[out.request_id]
+            if out.new_token_ids:
+                trace.chunks.append((now, len(out.new_token_ids)))
+            if out.finished:
+                trace.finished = now
+                remaining -= 1
+        if remaining == 0:
+            all_done.set()
+
+    worker = EngineWorker(engine, asyncio.get_running_loop(), deliver)
+    worker.start()
+    t0 = time.perf_counter()
+    try:
+        for job in jobs:
+            await _sleep_until(t0, job.arrival_s)
+            body = p.RequestBody(**job.body)
+            traces[f"j{job.index}"].submitted = time.perf_counter()
+            worker.add(AddCommand(f"j{job.index}", list(body.prompt_token_ids or []),
+                                  p.to_request_params(body)))
+        await all_done.wait()
+    finally:
+        worker.stop()
+    return summarize(list(traces.values()), t0)
+
+
+# --- Redis path ----------------------------------------------------------------------------
+
+
+async def run_redis(engine: Any, jobs: list[Job], url: str, prefix: str) -> dict[str, float]:
+    """Same jobs through the queue: client XADD -> daemon -> out streams -> XREAD.
+
+    The client (producers and reader) runs in its own process, as real clients do: in this
+    process it would compete with the engine thread for the GIL and bill that to Redis.
+    """
+    from helix_daemon.config import DaemonConfig
+    from helix_daemon.daemon import Daemon, redis_client
+
+    config = DaemonConfig(model="bench", redis_url=url, key_prefix=prefix,
+                          daemon_id=f"bench-{uuid.uuid4().hex[:6]}",
+                          max_num_seqs=engine.config.max_num_seqs)
+    daemon_conn = redis_client(url)
+    daemon = Daemon(config, engine, daemon_conn)
+    served = asyncio.create_task(daemon.run())
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=client_process, args=(jobs, url, prefix, theirs), daemon=True)
+    proc.start()
+    theirs.close()  # so recv() raises EOFError instead of hanging if the client process dies
+    try:
+        summary: dict[str, float] = await asyncio.to_thread(ours.recv)
+    finally:
+        proc.join(timeout=30)
+        daemon.request_stop()
+        await served
+        await daemon_conn.aclose()
+    return summary
+
+
+def client_process(jobs: list[Job], url: str, prefix: str, conn: Any) -> None:
+    """Entry point of the client process: run the workload, send back its summary."""
+    conn.send(asyncio.run(drive_client(jobs, url, prefix)))
+    conn.close()
+
+
+async def drive_client(jobs: list[Job], url: str, prefix: str) -> dict[str, float]:
+    """Each request: ``submit`` then follow its stream with the blocking-XREAD client."""
+    client = AsyncHelixClient.from_url(url, prefix=prefix)
+    traces = [Trace() for _ in jobs]
+    counts = [0]
+    waits: list[float] = []  # daemon-side: enqueue -> claim
+    daemon_ttfts: list[float] = []  # daemon-side: claim -> first token taken from the engine
+
+    async def one(trace: Trace, body: dict[str, Any]) -> None:
+        trace.submitted = time.perf_counter()
+        rid = await client.submit(**body)
+        async for event in client.stream(rid, timeout_s=600):
+            now = time.perf_counter()
+            if isinstance(event, p.TokenEvent):
+                counts[0] += 1
+                if event.ids:
+                    trace.chunks.append((now, len(event.ids)))
+            elif isinstance(event, p.DoneEvent):
+                trace.finished = now
+                waits.append(event.timings.queue_wait_s)
+                daemon_ttfts.append(event.timings.ttft_s or 0.0)
+            else:
+                raise RuntimeError(f"request failed: {event}")
+
+    try:
+        # Open the connections before the clock starts, as a long-lived client would have.
+        await asyncio.gather(*(client.redis.ping() for _ in range(min(len(jobs), 64))))
+        t0 = time.perf_counter()
+        tasks = []
+        for job, trace in zip(jobs, traces):
+            await _sleep_until(t0, job.arrival_s)
+            tasks.append(asyncio.create_task(one(trace, job.body)))
+        await asyncio.gather(*tasks)
+    finally:
+        await client.aclose()
+    summary = summarize(traces, t0, counts[0])
+    summary["queue_wait_p50_ms"] = _ms(_pct(waits, 50))
+    summary["daemon_ttft_p50_ms"] = _ms(_pct(daemon_ttfts, 50))
+    return summary
+
+
+# --- driver --------------------------------------------------------------------------------
+
+
+def load_engine(model: str | None, draft: str, max_num_seqs: int, workdir: Path) -> Any:
+    from helix_daemon.engine import Engine, EngineConfig
+
+    if model is None:
+        from helix_daemon.tiny_models import build_tiny_model
+
+        model = str(build_tiny_model(workdir / "tiny-llama", hidden_size=128, num_layers=2))
+    return Engine.from_config(EngineConfig(model=model, draft=draft, device="auto",
+                                           max_num_seqs=max_num_seqs, kv_cache_memory=256 << 20))
+
+
+async def bench(args: argparse.Namespace, engine: Any, url: str) -> list[dict[str, Any]]:
+    vocab = len(engine.tokenizer)
+    # Warm-up: first forwards allocate and compile kernels; keep them out of the numbers.
+    await run_inproc(engine, make_workload(4, math.inf, vocab, seed=99))
+    rows = []
+    for rate in args.rates:
+        jobs = make_workload(args.num_requests, rate, vocab, seed=args.seed)
+        inproc, via_redis = [], []
+        for rep in range(args.repeats):
+            # Alternate the order so slow drift of a shared machine hits both paths alike.
+            for path in (("inproc", "redis") if rep % 2 == 0 else ("redis", "inproc")):
+                if path == "inproc":
+                    inproc.append(await run_inproc(engine, jobs))
+                else:
+                    via_redis.append(await _run_redis_clean(engine, jobs, url))
+        row = {"rate": "inf" if math.isinf(rate) else rate, "inproc": _median(inproc),
+               "redis": _median(via_redis), "repeats": {"inproc": inproc, "redis": via_redis},
+               "load_avg_1m": _load_avg()}
+        row.update(overhead(row["inproc"], row["redis"]))
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+async def _run_redis_clean(engine: Any, jobs: list[Job], url: str) -> dict[str, float]:
+    prefix = f"helixbench-{uuid.uuid4().hex[:8]}"
+    try:
+        return await run_redis(engine, jobs, url, prefix)
+    finally:
+        await _delete_prefix(url, prefix)
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric median over repeats (each metric on its own: robust to one noisy run)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def overhead(inproc: dict[str, float], via_redis: dict[str, float]) -> dict[str, float]:
+    ratio = via_redis["throughput_tok_s"] / inproc["throughput_tok_s"] \
+        if inproc["throughput_tok_s"] else float("nan")
+    return {"ttft_p50_overhead_ms": round(via_redis["ttft_p50_ms"] - inproc["ttft_p50_ms"], 3),
+            "itl_p50_overhead_ms": round(via_redis["itl_p50_ms"] - inproc["itl_p50_ms"], 3),
+            "throughput_ratio": round(ratio, 4)}
+
+
+_HEADER = (f"{'rate':>6} {'path':>6} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+           f"{'ITL p50':>8} {'ITL p99':>8} {'events/s':>9}")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    lines = []
+    for path in ("inproc", "redis"):
+        r = row[path]
+        events = f"{r['token_events_per_s']:>9.0f}" if path == "redis" else f"{'-':>9}"
+        lines.append(f"{row['rate']!s:>6} {path:>6} {r['throughput_tok_s']:>9.1f} "
+                     f"{r['ttft_p50_ms']:>9.2f} {r['ttft_p99_ms']:>9.2f} {r['itl_p50_ms']:>8.2f} "
+                     f"{r['itl_p99_ms']:>8.2f} {events}")
+    lines.append(f"{'':>6} {'cost':>6} x{row['throughput_ratio']:<8.3f} "
+                 f"{row['ttft_p50_overhead_ms']:>+9.2f} {'':>9} "
+                 f"{row['itl_p50_overhead_ms']:>+8.2f}")
+    return "\n".join(lines)
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i:i + 500])
+    finally:
+        await client.aclose()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder (default: build a tiny random Llama)")
+    parser.add_argument("--draft", default="none", help="none | ngram | draft model folder")
+    parser.add_argument("--redis-url", default="auto", help="URL, 'auto' or 'embedded'")
+    parser.add_argument("--rates", default=None,
+                        help="arrival rates in requests/s, comma-separated; inf = all at once")
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per path and rate; medians are reported (default 3, quick 2)")
+    parser.add_argument("--quick", action="store_true", help="small run (CI / laptops)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    args = parser.parse_args(argv)
+    default_rates = "inf,20" if args.quick else "inf,10,25,50"
+    args.rates = [float(r) for r in (args.rates or default_rates).split(",")]
+    args.num_requests = args.num_requests or (24 if args.quick else 128)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from helix_daemon.embedded import resolve_redis_url
+    from helix_daemon.logs import configure_logging
+
+    args = parse_args(argv)
+    configure_logging(level="WARNING")  # per-request log lines would distort the timings
+    url, close = resolve_redis_url(args.redis_url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="helix-bench-") as tmp:
+            engine = load_engine(args.model, args.draft, args.max_num_seqs, Path(tmp))
+            print(f"Redis {url}; {args.num_requests} requests per run, median of {args.repeats}"
+                  f" runs\n{_HEADER}", flush=True)
+            rows = asyncio.run(bench(args, engine, url))
+    finally:
+        close()
+    report = {"config": {k: str(v) for k, v in vars(args).items()},
+              "machine": {"python": platform.python_version(), "platform": platform.platform()},
+              "runs": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=_json_default))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return asdict(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

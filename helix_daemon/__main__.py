@@ -1,0 +1,5 @@
+"""``python -m helix_daemon`` runs the ``helix`` command line."""
+
+from helix_daemon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""``DaemonConfig``: everything one daemon process needs, validated once, readable from HELIX_*."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from helix_daemon.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
+
+ENV_PREFIX = "HELIX_"
+
+
+def default_daemon_id(queue: str = DEFAULT_QUEUE, index: int = 0) -> str:
+    """A name that survives restarts (so a restarted daemon gets its own pending entries back)."""
+    return f"{socket.gethostname()}:{queue}:{index}"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Settings of one daemon. Durations carry their unit in the name."""
+
+    model: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = DEFAULT_QUEUE
+    key_prefix: str = DEFAULT_PREFIX
+    daemon_id: str = ""  # "" = default_daemon_id(queue, daemon_index)
+    daemon_index: int = 0
+    draft: str = "none"  # "none" | "ngram" | path of a draft model
+    device: str = "auto"
+    dtype: str = "auto"
+    # "auto" (the engine's default), a fraction (<= 1) of free device memory, or bytes (> 1)
+    kv_cache_memory: str = "auto"
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use tiny pools)
+    max_num_seqs: int = 64
+    metrics_port: int = 0  # 0 = no HTTP metrics endpoint
+    result_ttl_s: int = 3600
+    lease_ms: int = 30_000  # an entry idle this long is taken over by another daemon
+    reclaim_interval_s: float = 5.0
+    heartbeat_interval_s: float = 5.0
+    max_attempts: int = 3
+    drain_timeout_s: float = 30.0
+    kv_high_watermark: float = 0.95  # stop pulling while this fraction of KV blocks is used
+    log_json: bool | None = None  # None = JSON when stderr is not a terminal
+
+    def __post_init__(self) -> None:
+        if not self.daemon_id:
+            object.__setattr__(self, "daemon_id", default_daemon_id(self.queue, self.daemon_index))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on settings the daemon cannot run with."""
+        for name in ("queue", "key_prefix", "daemon_id"):
+            try:
+                check_request_id(getattr(self, name))  # same rule: printable, no braces
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        _positive(self, "max_num_seqs", "lease_ms", "reclaim_interval_s", "heartbeat_interval_s",
+                  "max_attempts", "result_ttl_s")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be in 0..65535")
+        object.__setattr__(self, "kv_cache_memory", str(self.kv_cache_memory).strip().lower())
+        if self.kv_cache_bytes_or_fraction is not None and not self.kv_cache_bytes_or_fraction > 0:
+            raise ValueError("kv_cache_memory must be 'auto' or > 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+        if not 0 < self.kv_high_watermark <= 1:
+            raise ValueError("kv_high_watermark must be in (0, 1]")
+
+    @property
+    def kv_cache_bytes_or_fraction(self) -> float | None:
+        """``kv_cache_memory`` as the engine takes it; None means the engine's default."""
+        if self.kv_cache_memory == "auto":
+            return None
+        try:
+            return float(self.kv_cache_memory)
+        except ValueError:
+            raise ValueError(f"kv_cache_memory: not 'auto' or a number: "
+                             f"{self.kv_cache_memory!r}") from None
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        # Three missed beats before the key expires: one slow beat must not look like a death.
+        return int(self.heartbeat_interval_s * 3000)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:
+        """Read ``HELIX_<FIELD>`` variables (e.g. HELIX_LEASE_MS); raise ValueError on bad ones."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field.name, raw, hints[field.name])
+        values.update(overrides)
+        return cls(**values)
+
+
+def _positive(config: DaemonConfig, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)!r}")
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    """Convert one environment string to the field's type; never silently fall back."""
+    optional = get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+    if optional:
+        if raw.strip().lower() in ("", "none", "null", "auto"):
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            return _parse_bool(raw)
+        if hint in (int, float):
+            return hint(raw.strip())
+        return raw
+    except ValueError:
+        variable = ENV_PREFIX + name.upper()
+        raise ValueError(f"{variable}={raw!r} is not a valid {hint.__name__}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

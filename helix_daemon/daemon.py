@@ -1,0 +1,421 @@
+"""The asyncio daemon: pull requests from a Redis stream, stream tokens back, survive failures.
+
+Tasks (one event loop) around one engine thread (``EngineWorker``):
+
+* intake: ``XREADGROUP >`` for as many entries as the engine can admit soon;
+* reclaim: ``XAUTOCLAIM`` entries whose owner stopped renewing its lease, and resume them;
+* lease: renew our entries (only while the engine makes progress), heartbeat, cancel/timeout
+  sweeps;
+* flush: one pipeline of fenced writes per round (every step's events, retried until Redis
+  answers), then acks of requests whose terminal event is durable;
+* cancel listener: pub/sub nudges so a cancel lands within one step.
+
+Run: ``python -m helix_daemon.daemon`` (settings from HELIX_* variables, see ``DaemonConfig``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from helix_daemon import protocol as p
+from helix_daemon.attempt import Attempt
+from helix_daemon.config import DaemonConfig
+from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
+from helix_daemon.metrics import DaemonMetrics
+from helix_daemon.retry import REDIS_ERRORS, backoff, jittered, now_ms
+from helix_daemon.store import Store, entry_ms
+from helix_daemon.stream_writer import StreamWriterMixin
+from helix_daemon.upkeep import UpkeepMixin
+from scheduler.errors import InvalidRequestError
+
+log = structlog.get_logger("helix.daemon")
+
+_READ_BLOCK_MS = 500
+
+
+class Daemon(StreamWriterMixin, UpkeepMixin):
+    """One daemon on one queue; ``run()`` returns the process exit code."""
+
+    def __init__(self, config: DaemonConfig, engine: Any, client: aioredis.Redis,
+                 metrics: DaemonMetrics | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.store = Store(client, prefix=config.key_prefix, queue=config.queue,
+                           daemon_id=config.daemon_id, lease_ms=config.lease_ms)
+        self.client = client
+        self.metrics = metrics or DaemonMetrics()
+        self.log = log.bind(daemon_id=config.daemon_id)
+        self.active: dict[str, Attempt] = {}  # request id -> the attempt this daemon runs
+        self._by_engine_id: dict[str, Attempt] = {}
+        self._acks: list[str] = []
+        self._flush_needed = asyncio.Event()
+        self._stop = asyncio.Event()
+        # Set before background tasks are cancelled: a loop whose cancellation got turned into
+        # a timeout inside a client library still ends.
+        self._closing = False
+        self._pulling = True  # intake and reclaim run until a stop is requested
+        self._fatal: BaseException | None = None
+        self._worker: EngineWorker | None = None
+        self._started_ms = now_ms()
+        self._tokens_window = 0
+        self._window_start = time.monotonic()
+        self._spec = (0, 0)  # engine draft counters at the last step (proposed, accepted)
+        # A step running longer than this means a hung device: stop renewing leases.
+        self._stall_s = max(3 * config.lease_ms / 1000, 10.0)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """SIGTERM: stop pulling, drain, hand the rest back, exit 0."""
+        self.log.info("stop requested")
+        self._stop.set()
+
+    async def run(self) -> int:
+        background, pulling = await self._launch()
+        await self._stop.wait()
+        await self._shutdown(background, pulling)
+        return 0 if self._fatal is None else 1
+
+    async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
+        self._worker = EngineWorker(self.engine, asyncio.get_running_loop(), self._on_step)
+        await self._until_ok(self.store.ensure_group)
+        self._worker.start()
+        self.metrics.start_http(self.config.metrics_port)
+        background = [asyncio.create_task(c) for c in (
+            self._flush_loop(), self._lease_loop(), self._cancel_listener())]
+        await self._recover_own_entries()
+        pulling = [asyncio.create_task(c) for c in (self._intake_loop(), self._reclaim_loop())]
+        self.log.info("daemon started", queue=self.config.queue, model=self.config.model)
+        return background, pulling
+
+    async def _shutdown(self, background: list[asyncio.Task[None]],
+                        pulling: list[asyncio.Task[None]]) -> None:
+        self._pulling = False
+        await _cancel(pulling)
+        if self._fatal is None:
+            await self._drain()
+        self._closing = True
+        await _cancel(background)
+        assert self._worker is not None
+        await asyncio.to_thread(self._worker.stop)
+        self.metrics.stop_http()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.store.unregister()
+        self.log.info("daemon stopped", fatal=repr(self._fatal) if self._fatal else None)
+
+    async def _drain(self) -> None:
+        """Let running requests finish for drain_timeout_s, then hand the rest back at once."""
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leftover = list(self.active.values())
+        for attempt in leftover:
+            self._retire(attempt, ack=False)
+        with contextlib.suppress(*REDIS_ERRORS, asyncio.TimeoutError):
+            await asyncio.wait_for(self._flush_once(leftover), timeout=5.0)
+            await asyncio.wait_for(self.store.release([a.entry_id for a in leftover]), 5.0)
+        if leftover:
+            self.log.info("handed back unfinished requests", count=len(leftover))
+
+    async def _until_ok(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Retry a startup call until Redis answers (None if a stop comes first)."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                return await fn()
+            except REDIS_ERRORS as e:
+                self.log.warning("redis unavailable, retrying", error=repr(e))
+                await asyncio.sleep(backoff(failures))
+                failures += 1
+        return None
+
+    # --- taking requests ------------------------------------------------------------------
+
+    def free_slots(self) -> int:
+        """How many more requests the engine can admit soon (0 while the KV pool is full)."""
+        stats = self._worker.stats if self._worker else None
+        if stats is not None and stats.kv_blocks_total and \
+                stats.kv_blocks_used / stats.kv_blocks_total >= self.config.kv_high_watermark:
+            return 0
+        # Entries finished but not yet acked still count: the queue never sees us hold more.
+        return max(0, self.config.max_num_seqs - len(self.active) - len(self._acks))
+
+    async def _recover_own_entries(self) -> None:
+        """After a restart under the same name, our unacked entries come back at once."""
+        entries = await self._until_ok(self.store.read_own_pending) or []
+        for entry_id, fields in entries:
+            await self._admit_safely(entry_id, fields)
+        if entries:
+            self.log.info("recovered own pending entries", count=len(entries))
+
+    async def _intake_loop(self) -> None:
+        failures = 0
+        while self._pulling:
+            free = self.free_slots()
+            if free <= 0:
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                entries = await self.store.read_new(free, _READ_BLOCK_MS)
+                failures = 0
+            except REDIS_ERRORS as e:
+                self.log.warning("intake failed", error=repr(e))
+                await asyncio.sleep(backoff(failures))
+                failures += 1
+                continue
+            for entry_id, fields in entries:
+                await self._admit_safely(entry_id, fields)
+
+    async def _reclaim_loop(self) -> None:
+        while self._pulling:
+            await asyncio.sleep(jittered(self.config.reclaim_interval_s))
+            free = self.free_slots()
+            if free <= 0:
+                continue
+            try:
+                claimed, deleted = await self.store.autoclaim(free)
+                for entry_id in deleted:
+                    await self.store.dead_letter(entry_id, None, "trimmed: deleted while pending",
+                                                 None)
+                    self._acks.append(entry_id)
+            except REDIS_ERRORS as e:
+                self.log.warning("reclaim failed", error=repr(e))
+                continue
+            for entry_id, fields in claimed:
+                if not self._runs_entry(entry_id):
+                    await self._admit_safely(entry_id, fields, takeover=True)
+
+    def _runs_entry(self, entry_id: str) -> bool:
+        return any(a.entry_id == entry_id for a in self.active.values())
+
+    async def _admit_safely(self, entry_id: str, fields: dict[bytes, bytes],
+                            takeover: bool = False) -> None:
+        # A Redis failure here leaves the entry pending and not renewed: its lease lapses and it
+        # is claimed again later (by anyone), so dropping it locally loses nothing.
+        try:
+            await self._admit(entry_id, fields, takeover)
+        except REDIS_ERRORS as e:
+            self.log.warning("admission failed, entry left to its lease", entry_id=entry_id,
+                             error=repr(e))
+            for attempt in [a for a in self.active.values() if a.entry_id == entry_id]:
+                self._retire(attempt, ack=False)
+
+    async def _admit(self, entry_id: str, fields: dict[bytes, bytes], takeover: bool) -> None:
+        try:
+            request = p.decode_request(fields, entry_id)
+        except p.BadEntryError as e:
+            await self._reject_entry(entry_id, fields, e)
+            return
+        ttl_s = request.body.result_ttl_s or self.config.result_ttl_s
+        attempt = await self._claim(request.request_id, entry_id, fields, ttl_s * 1000)
+        if attempt is None:
+            return
+        if takeover:
+            self.log.info("took over request", request_id=attempt.request_id,
+                          epoch=attempt.epoch, resume_from=attempt.next_off)
+        await self._start(attempt, request)
+
+    async def _reject_entry(self, entry_id: str, fields: dict[bytes, bytes],
+                            error: p.BadEntryError) -> None:
+        """Undecodable entry: dead letter, plus an ``error`` event when it names a request."""
+        self.log.warning("bad entry", entry_id=entry_id, request_id=error.request_id,
+                         reason=str(error))
+        await self.store.dead_letter(entry_id, error.request_id, f"{error.code}: {error}",
+                                     fields)
+        if error.request_id is None:
+            self._queue_ack(entry_id)
+            return
+        attempt = await self._claim(error.request_id, entry_id, fields,
+                                    self.config.result_ttl_s * 1000)
+        if attempt is not None:
+            attempt.fail(error.code, str(error))
+            self._flush_needed.set()
+
+    async def _claim(self, request_id: str, entry_id: str, fields: dict[bytes, bytes],
+                     result_ttl_ms: int) -> Attempt | None:
+        now = now_ms()
+        claim = await self.store.claim(request_id, entry_id, now_ms=now,
+                                       created_ms=entry_ms(entry_id),
+                                       max_attempts=self.config.max_attempts,
+                                       result_ttl_ms=result_ttl_ms)
+        if claim.status != "ok":
+            self.log.info("request settled at claim", request_id=request_id, status=claim.status)
+            if claim.status == "poison":
+                await self.store.dead_letter(entry_id, request_id,
+                                             f"poison: {claim.attempts - 1} attempts", fields)
+                self.metrics.inc_request("poison")
+            self._queue_ack(entry_id)
+            return None
+        old = self.active.get(request_id)
+        if old is not None:  # our own earlier attempt lost its lease and is now fenced
+            self._retire(old, ack=False)
+        attempt = Attempt(request_id, entry_id, self.config.daemon_id, claim.epoch,
+                          claim.attempts, claim.next_seq, claim.next_off, result_ttl_ms,
+                          queue_wait_s=max(0.0, (now - entry_ms(entry_id)) / 1000))
+        self.active[request_id] = attempt
+        self._by_engine_id[attempt.engine_id] = attempt
+        return attempt
+
+    async def _start(self, attempt: Attempt, request: p.Request) -> None:
+        """Validate, resume from what was already streamed, and hand it to the engine."""
+        body = request.body
+        if body.timeout_s is not None:
+            attempt.deadline_ms = entry_ms(attempt.entry_id) + int(body.timeout_s * 1000)
+        try:
+            params = p.to_request_params(body)
+        except InvalidRequestError as e:
+            attempt.fail(e.code, str(e))
+            self._flush_needed.set()
+            return
+        forced: list[int] = []
+        if attempt.next_off:
+            forced = await self.store.committed_token_ids(attempt.request_id)
+            if len(forced) != attempt.next_off:
+                attempt.fail("engine_error", "streamed tokens cannot be recovered")
+        if self._expired(attempt):
+            attempt.fail("timeout", "timeout_s expired before the request ran")
+        elif not attempt.terminal and len(forced) >= params.max_tokens:
+            attempt.num_output_tokens = len(forced)
+            attempt.done("length")
+        if attempt.terminal:
+            self._flush_needed.set()
+            return
+        prompt = body.prompt if body.prompt is not None else list(body.prompt_token_ids or [])
+        attempt.in_engine = True
+        assert self._worker is not None
+        self._worker.add(AddCommand(attempt.engine_id, prompt, params, forced))
+
+    # --- engine results -------------------------------------------------------------------
+
+    def _on_step(self, result: StepResult) -> None:
+        """Runs on the loop for every engine step: turn outputs into queued writes."""
+        if result.fatal is not None:
+            self.log.error("engine failed", error=repr(result.fatal))
+            self._fatal = result.fatal
+            self._stop.set()
+            return
+        for engine_id, code, message in result.rejected:
+            attempt = self._by_engine_id.get(engine_id)
+            if attempt is not None:
+                attempt.in_engine = False
+                attempt.fail(code, message)
+        now = time.monotonic()
+        for output in result.outputs:
+            attempt = self._by_engine_id.get(output.request_id)
+            if attempt is not None and not attempt.terminal:
+                self._apply_output(attempt, output, now)
+        self._observe_stats(result.stats)
+        self._flush_needed.set()
+
+    def _apply_output(self, attempt: Attempt, output: Any, now: float) -> None:
+        ids = list(output.new_token_ids)
+        self._observe_tokens(attempt, ids, output.num_prompt_tokens, now)
+        attempt.num_prompt_tokens = output.num_prompt_tokens
+        attempt.num_output_tokens = output.num_output_tokens
+        attempt.num_draft_proposed = output.num_draft_proposed
+        attempt.num_draft_accepted = output.num_draft_accepted
+        attempt.add_tokens(ids, output.text_delta)
+        if output.finished:
+            attempt.in_engine = False
+            if output.finish_reason in ("stop", "length"):
+                attempt.done(output.finish_reason)
+            else:
+                attempt.fail("engine_error", f"engine ended it ({output.finish_reason})")
+
+    def _observe_tokens(self, attempt: Attempt, ids: list[int], num_prompt_tokens: int,
+                        now: float) -> None:
+        if attempt.num_prompt_tokens == 0:  # first output of this attempt: its prefill is done
+            self.metrics.add_tokens(num_prompt_tokens, 0)
+        if not ids:
+            return
+        if attempt.first_token_at is None:
+            attempt.first_token_at = now
+            self.metrics.observe_ttft(now - attempt.claimed_at)
+        elif attempt.last_token_at is not None:
+            self.metrics.observe_inter_token((now - attempt.last_token_at) / len(ids))
+        attempt.last_token_at = now
+        attempt.num_new_tokens += len(ids)
+        self._tokens_window += len(ids)
+        self.metrics.add_tokens(0, len(ids))
+
+    def _observe_stats(self, stats: Any) -> None:
+        if stats is None:
+            return
+        self.metrics.set_running(stats.num_running)
+        self.metrics.set_waiting(stats.num_waiting)
+        if stats.kv_blocks_total:
+            self.metrics.set_kv_usage(stats.kv_blocks_used / stats.kv_blocks_total)
+        proposed, accepted = stats.num_draft_proposed, stats.num_draft_accepted
+        self.metrics.add_spec_tokens(proposed - self._spec[0], accepted - self._spec[1])
+        self._spec = (proposed, accepted)
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]], timeout_s: float = 5.0) -> None:
+    for task in tasks:
+        task.cancel()
+    _done, stuck = await asyncio.wait(tasks, timeout=timeout_s)
+    if stuck:
+        log.warning("tasks did not stop when cancelled", tasks=[t.get_name() for t in stuck])
+
+
+def build_engine(config: DaemonConfig) -> Any:
+    """Load the model named by the config (slow: run it off the event loop)."""
+    from helix_daemon.engine import Engine, EngineConfig
+
+    kwargs: dict[str, Any] = dict(model=config.model, draft=config.draft, device=config.device,
+                                  dtype=config.dtype, max_num_seqs=config.max_num_seqs)
+    if config.kv_cache_bytes_or_fraction is not None:
+        kwargs["kv_cache_memory"] = config.kv_cache_bytes_or_fraction
+    if config.num_kv_blocks is not None:
+        kwargs["num_kv_blocks"] = config.num_kv_blocks
+    return Engine.from_config(EngineConfig(**kwargs))
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    # The socket timeout must exceed the XREADGROUP block time; short connect timeouts make a
+    # restarted Redis come back quickly.
+    return aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0,
+                                   health_check_interval=10)
+
+
+async def run_daemon(config: DaemonConfig, engine: Any = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``Daemon.request_stop``); return the exit code."""
+    if engine is None:
+        engine = await asyncio.to_thread(build_engine, config)
+    client = redis_client(config.redis_url)
+    daemon = Daemon(config, engine, client)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        return await daemon.run()
+    finally:
+        await client.aclose()
+
+
+def serve(config: DaemonConfig) -> int:
+    """Blocking entry point for the CLI: configure logging, resolve Redis, run the daemon."""
+    from helix_daemon.embedded import resolve_redis_url
+    from helix_daemon.logs import configure_logging
+
+    configure_logging(config.log_json)
+    url, close = resolve_redis_url(config.redis_url)
+    try:
+        return asyncio.run(run_daemon(dataclasses.replace(config, redis_url=url)))
+    finally:
+        close()
+
+
+if __name__ == "__main__":
+    sys.exit(serve(DaemonConfig.from_env()))

@@ -1,0 +1,373 @@
+"""Helpers for the daemon tests: raw-Redis producers and readers, stream checks, daemon processes.
+
+Producers and readers use plain redis commands exactly as docs/protocol.md shows, so the tests
+exercise the wire protocol rather than the client library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from helix_daemon import protocol as p
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def enqueue(client: redis.Redis, prefix: str, queue: str, body: dict[str, Any] | str | bytes,
+            request_id: str | None = None, **extra: str | bytes) -> str:
+    """``XADD <queue> * v 1 [id <id>] body <json>``; returns the entry id."""
+    raw = body if isinstance(body, str | bytes) else json.dumps(body)
+    fields: dict[str, str | bytes] = {"v": "1", "body": raw, **extra}
+    if request_id is not None:
+        fields["id"] = request_id
+    return client.xadd(p.queue_key(queue, prefix), fields).decode()
+
+
+def read_raw(client: redis.Redis, prefix: str, request_id: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in client.xrange(p.out_key(request_id, prefix))]
+
+
+@dataclass
+class Result:
+    """A request's stream, checked: tokens in order, and its single terminal event."""
+
+    ids: list[int]
+    text: str
+    terminal: p.Event
+    events: list[p.Event]
+
+    @property
+    def attempts_seen(self) -> set[int]:
+        return {e.att for e in self.events}
+
+
+def check_stream(events: list[p.Event]) -> Result:
+    """Assert the protocol's stream invariants and return the assembled output."""
+    assert events, "empty stream"
+    assert [e.seq for e in events] == list(range(len(events))), "seq must be gap-free from 0"
+    terminals = [e for e in events if p.is_terminal(e)]
+    assert len(terminals) == 1 and p.is_terminal(events[-1]), "exactly one terminal event, last"
+    ids: list[int] = []
+    text = ""
+    for event in events[:-1]:
+        assert isinstance(event, p.TokenEvent)
+        assert event.off == len(ids), f"offset {event.off} != {len(ids)} (duplicate or gap)"
+        ids += event.ids
+        text += event.text
+    atts = [e.att for e in events]
+    assert atts == sorted(atts), "a later attempt's event precedes an earlier one's"
+    return Result(ids, text, events[-1], events)
+
+
+def read_result(client: redis.Redis, prefix: str, request_id: str) -> Result:
+    return check_stream([p.decode_event(f) for f in read_raw(client, prefix, request_id)])
+
+
+def is_finished(client: redis.Redis, prefix: str, request_id: str) -> bool:
+    state = client.hget(p.meta_key(request_id, prefix), "state")
+    return state in (b"done", b"error", b"cancelled")
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str,
+               interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def wait_all_finished(client: redis.Redis, prefix: str, request_ids: Iterable[str],
+                      timeout_s: float) -> None:
+    ids = list(request_ids)
+    wait_until(lambda: all(is_finished(client, prefix, r) for r in ids), timeout_s,
+               f"{len(ids)} requests to finish")
+
+
+def greedy_reference(model: str, prompts: list[str], max_tokens: int,
+                     dtype: str = "float64") -> list[tuple[list[int], str]]:
+    """Uninterrupted in-process output of the same engine the daemon runs (greedy)."""
+    with one_torch_thread():
+        return _greedy(model, prompts, max_tokens, dtype)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on two shared cores run ~10x faster on one intra-op thread than on two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _greedy(model: str, prompts: list[str], max_tokens: int,
+            dtype: str) -> list[tuple[list[int], str]]:
+    from helix_daemon.engine import Engine, EngineConfig
+    from scheduler.params import RequestParams, SamplingParams
+
+    engine = Engine.from_config(EngineConfig(model=model, device="cpu", dtype=dtype,
+                                             num_kv_blocks=512))
+    params = RequestParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0),
+                           ignore_eos=True)
+    out: dict[str, tuple[list[int], str]] = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+        out[str(i)] = ([], "")
+    while engine.has_unfinished():
+        for o in engine.step():
+            ids, text = out[o.request_id]
+            out[o.request_id] = (ids + list(o.new_token_ids), text + o.text_delta)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def base_env() -> dict[str, str]:
+    """This environment without HELIX_* settings, torch limited to one thread (two cores are
+    shared by several daemons and the test itself)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIX_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def daemon_env(redis_url: str, prefix: str, queue: str, model: str, daemon_id: str,
+               **settings: object) -> dict[str, str]:
+    """Environment of a daemon subprocess: HELIX_* settings, one CPU thread for torch."""
+    env = base_env()
+    base: dict[str, object] = dict(redis_url=redis_url, key_prefix=prefix, queue=queue,
+                                   model=model, daemon_id=daemon_id, device="cpu",
+                                   dtype="float64", num_kv_blocks=256, log_json="true",
+                                   lease_ms=1500, reclaim_interval_s=0.2,
+                                   heartbeat_interval_s=0.5)
+    base.update(settings)
+    env.update({f"HELIX_{k.upper()}": str(v) for k, v in base.items()})
+    return env
+
+
+class DaemonProcess:
+    """``python -m helix_daemon.daemon`` as a real child process, logs in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "helix_daemon.daemon"], env=env,
+                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout_s)
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.kill()
+        self._log.close()
+
+
+class ThreadDaemon:
+    """A ``Daemon`` on its own event loop in a background thread (tests stay synchronous and
+    can look at its engine); stopped the way SIGTERM stops it."""
+
+    def __init__(self, config: Any, engine: Any) -> None:
+        self.config = config
+        self.engine = engine
+        self.daemon: Any = None
+        self.exit_code: int | None = None
+        self._loop: Any = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+
+    async def _main(self) -> None:
+        from helix_daemon.daemon import Daemon, redis_client
+
+        client = redis_client(self.config.redis_url)
+        self._loop = asyncio.get_running_loop()
+        self.daemon = Daemon(self.config, self.engine, client)
+        self._ready.set()
+        try:
+            self.exit_code = await self.daemon.run()
+        finally:
+            await client.aclose()
+
+    def start(self) -> ThreadDaemon:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("daemon thread did not start")
+        return self
+
+    def kv_blocks_used(self) -> int:
+        return self.daemon._worker.stats.kv_blocks_used
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        """Stop like SIGTERM; a daemon that does not stop in time fails the test loudly."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.daemon.request_stop)
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            faulthandler.dump_traceback(all_threads=True)
+            for task in asyncio.all_tasks(self._loop):
+                task.print_stack()
+            raise TimeoutError(f"daemon {self.config.daemon_id} did not stop in {timeout_s}s")
+        return self.exit_code
+
+
+# A "zygote" pays the torch/transformers import once and forks each daemon from it, so a test
+# can start (and kill -9) dozens of real daemon processes on two cores. Children are ordinary
+# processes running ``helix_daemon.daemon.serve``; the zygote reaps them and reports exit codes.
+_ZYGOTE = r"""
+import json, os, select, sys
+import helix_daemon.daemon, helix_daemon.engine  # the expensive imports, paid once
+
+
+def spawn(spec):
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.environ.update(spec["env"])
+        from helix_daemon.config import DaemonConfig
+        code = helix_daemon.daemon.serve(DaemonConfig.from_env())
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+while True:
+    if select.select([sys.stdin], [], [], 0.05)[0]:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        print("pid", spawn(json.loads(line)), flush=True)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        print("exit", pid, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+class Zygote:
+    """Forks daemon processes from one pre-imported Python (see ``_ZYGOTE``)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], env=env, cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.exits: dict[int, int] = {}
+        self._pids: list[int] = []
+        self._answers: list[int] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, pid, *rest = line.split()
+            with self._cond:
+                if kind == "pid":
+                    self._answers.append(int(pid))
+                else:
+                    self.exits[int(pid)] = int(rest[0])
+                self._cond.notify_all()
+
+    def spawn(self, env: dict[str, str], log_path: Path) -> ForkedDaemon:
+        assert self.proc.stdin is not None
+        with self._cond:
+            self.proc.stdin.write(json.dumps({"env": env, "log": str(log_path)}) + "\n")
+            self.proc.stdin.flush()
+            if not self._cond.wait_for(lambda: self._answers, 60):
+                raise TimeoutError("zygote did not fork")
+            pid = self._answers.pop(0)
+        self._pids.append(pid)
+        return ForkedDaemon(self, pid, log_path)
+
+    def wait_exit(self, pid: int, timeout_s: float) -> int:
+        with self._cond:
+            if not self._cond.wait_for(lambda: pid in self.exits, timeout_s):
+                raise TimeoutError(f"daemon {pid} did not exit within {timeout_s}s")
+            return self.exits[pid]
+
+    def close(self) -> None:
+        for pid in self._pids:
+            if pid not in self.exits:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+class ForkedDaemon:
+    """One daemon process forked by a ``Zygote``."""
+
+    def __init__(self, zygote: Zygote, pid: int, log_path: Path) -> None:
+        self.zygote = zygote
+        self.pid = pid
+        self.log_path = log_path
+
+    def is_alive(self) -> bool:
+        return self.pid not in self.zygote.exits
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.zygote.wait_exit(self.pid, timeout_s)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

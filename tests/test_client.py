@@ -1,0 +1,243 @@
+"""The Python clients speak protocol v1 against the shared Redis: submit, stream, result, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from helix_daemon.client import AsyncHelixClient, HelixClient, StreamGapError
+from helix_daemon.protocol import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    Timings,
+    TokenEvent,
+    Usage,
+    cancel_channel,
+    decode_request,
+    encode_event,
+    meta_key,
+    out_key,
+    queue_key,
+)
+from scheduler.errors import InvalidRequestError
+
+
+def _write(r: redis.Redis, key: str, *events: object) -> None:
+    """Append events the way a daemon does (protocol encoding, one XADD each)."""
+    for event in events:
+        r.xadd(key, encode_event(event))
+
+
+def _done(seq: int, att: int = 1) -> DoneEvent:
+    return DoneEvent(seq, att, "length", Usage(3, 4),
+                     Timings(queue_wait_s=0.01, ttft_s=0.02, tokens_per_s=100.0,
+                             acceptance_rate=None, attempts=att))
+
+
+@pytest.fixture
+def client(redis_url: str, key_prefix: str):
+    c = HelixClient.from_url(redis_url, prefix=key_prefix)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+async def aclient(redis_url: str, key_prefix: str):
+    c = AsyncHelixClient(aioredis.Redis.from_url(redis_url), prefix=key_prefix)
+    yield c
+    await c.aclose()
+
+
+def test_submit_writes_a_valid_entry_and_queued_meta(client: HelixClient, sync_redis,
+                                                     key_prefix: str) -> None:
+    """submit() XADDs an entry the daemon's decoder accepts and records state/entry/TTL in meta."""
+    rid = client.submit("Hello", max_tokens=8, temperature=0, stop=["\n"])
+    entries = sync_redis.xrange(queue_key("default", key_prefix))
+    assert len(entries) == 1
+    entry_id, fields = entries[0]
+    request = decode_request(fields, entry_id.decode())
+    assert request.request_id == rid
+    assert request.body.prompt == "Hello" and request.body.max_tokens == 8
+    assert request.body.temperature == 0.0 and request.body.stop == ["\n"]
+    meta = client.meta(rid)
+    assert meta["state"] == "queued" and meta["entry_id"] == entry_id.decode()
+    assert meta["queue"] == "default" and int(meta["created_ms"]) > 0
+    assert 0 < sync_redis.ttl(meta_key(rid, key_prefix)) <= 86_400
+
+
+def test_submit_is_idempotent_on_request_id(client: HelixClient, sync_redis,
+                                            key_prefix: str) -> None:
+    """Submitting one id twice (a retry) enqueues once; token-id prompts can go to another queue."""
+    assert client.submit([1, 2, 3], request_id="job-1", queue="q2") == "job-1"
+    assert client.submit([1, 2, 3], request_id="job-1", queue="q2") == "job-1"
+    assert sync_redis.xlen(queue_key("q2", key_prefix)) == 1
+    _, fields = sync_redis.xrange(queue_key("q2", key_prefix))[0]
+    assert b'"prompt_token_ids":[1,2,3]' in fields[b"body"]
+
+
+@pytest.mark.parametrize("prompt, params", [
+    ("hi", {"bogus": 1}),                          # unknown field
+    ("hi", {"max_tokens": "8"}),                   # wrong type (strict)
+    ("hi", {"prompt_token_ids": [1]}),             # both prompt kinds
+    (None, {}),                                    # no prompt at all
+    ("hi", {"temperature": -1.0}),                 # out of range
+    ("hi", {"max_tokens": 0}),
+])
+def test_invalid_requests_are_refused_client_side(client: HelixClient, sync_redis,
+                                                  key_prefix: str, prompt, params) -> None:
+    """Validation uses the protocol struct and the engine's rules: nothing reaches Redis."""
+    with pytest.raises(InvalidRequestError):
+        client.submit(prompt, **params)
+    assert sync_redis.xlen(queue_key("default", key_prefix)) == 0
+    with pytest.raises(ValueError):
+        client.submit("hi", request_id="bad{id}")
+
+
+def test_stream_dedupes_by_seq_and_resumes(client: HelixClient, sync_redis,
+                                           key_prefix: str) -> None:
+    """A duplicated event (retried write) is delivered once; a takeover (att 2) continues the
+    same output; from_seq skips what the reader already has; the terminal event ends it."""
+    key = out_key("r1", key_prefix)
+    _write(sync_redis, key,
+           TokenEvent(0, 1, 0, "He", [10, 11]),
+           TokenEvent(0, 1, 0, "He", [10, 11]),
+           TokenEvent(1, 2, 2, "llo", [12]),
+           TokenEvent(2, 2, 3, "!", [13]),
+           _done(3, att=2))
+    seqs = [e.seq for e in client.stream("r1")]
+    assert seqs == [0, 1, 2, 3]
+    assert [e.seq for e in client.stream("r1", from_seq=2)] == [2, 3]
+    result = client.result("r1", timeout_s=5)
+    assert result.ok and result.text == "Hello!" and result.token_ids == [10, 11, 12, 13]
+    assert result.finish_reason == "length" and result.usage == {"prompt_tokens": 3,
+                                                                 "completion_tokens": 4}
+    assert result.timings["attempts"] == 2 and result.attempts == 2
+
+
+def test_result_reports_error_and_cancelled(client: HelixClient, sync_redis,
+                                            key_prefix: str) -> None:
+    """Error and cancelled terminals come back as results with their code/reason, not raises."""
+    _write(sync_redis, out_key("e", key_prefix), ErrorEvent(0, 1, "invalid_request", "too long"))
+    _write(sync_redis, out_key("c", key_prefix), TokenEvent(0, 1, 0, "a", [5]),
+           CancelledEvent(1, 1, "cancelled by client"))
+    err = client.result("e", timeout_s=5)
+    assert err.state == "error" and err.error_code == "invalid_request" and not err.ok
+    cancelled = client.result("c", timeout_s=5)
+    assert cancelled.state == "cancelled" and cancelled.text == "a"
+
+
+def test_result_times_out_and_gap_is_detected(client: HelixClient, sync_redis,
+                                              key_prefix: str) -> None:
+    """No terminal event within timeout_s raises TimeoutError; a missing seq raises
+    StreamGapError after re-reading instead of silently skipping output."""
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.result("never", timeout_s=0.3)
+    assert time.monotonic() - start < 2
+    _write(sync_redis, out_key("g", key_prefix), TokenEvent(1, 1, 0, "x", [1]), _done(2))
+    with pytest.raises(StreamGapError):
+        client.result("g", timeout_s=5)
+
+
+def test_cancel_sets_flag_and_publishes(client: HelixClient, sync_redis, key_prefix: str) -> None:
+    """cancel() sets meta.cancel=1 (durable), publishes the id (nudge), keeps a TTL, and says
+    False for a request that already finished."""
+    pubsub = sync_redis.pubsub()
+    pubsub.subscribe(cancel_channel(key_prefix))
+    pubsub.get_message(timeout=1)  # subscribe confirmation
+    rid = client.submit("x")
+    assert client.cancel(rid) is True
+    assert client.meta(rid)["cancel"] == "1"
+    msg = pubsub.get_message(timeout=2)
+    assert msg is not None and msg["data"] == rid.encode()
+    assert client.cancel("unknown-id") is True
+    assert sync_redis.ttl(meta_key("unknown-id", key_prefix)) > 0  # no leaked key
+    sync_redis.hset(meta_key("finished", key_prefix), "state", "done")
+    assert client.cancel("finished") is False
+    pubsub.close()
+
+
+async def test_async_client_round_trip(aclient: AsyncHelixClient, async_redis,
+                                       key_prefix: str) -> None:
+    """The async client submits idempotently and streams events written while it waits
+    (blocking XREAD wakes up on new entries)."""
+    rid = await aclient.submit("Hi", request_id="a1", max_tokens=2)
+    assert await aclient.submit("Hi", request_id="a1", max_tokens=2) == rid
+    assert await async_redis.xlen(queue_key("default", key_prefix)) == 1
+    key = out_key(rid, key_prefix)
+
+    async def writer() -> None:
+        await asyncio.sleep(0.1)
+        await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "A", [7])))
+        await asyncio.sleep(0.05)
+        await async_redis.xadd(key, encode_event(_done(1)))
+
+    task = asyncio.create_task(writer())
+    result = await aclient.result(rid, timeout_s=5)
+    await task
+    assert result.text == "A" and result.token_ids == [7] and result.ok
+    assert await aclient.cancel(rid) is True
+
+
+# --- against a real daemon ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_prefix():
+    from tests.conftest import SHARED_REDIS_URL, delete_prefix
+
+    value = f"helixtest-client-{uuid.uuid4().hex[:10]}"
+    yield value
+    r = redis.Redis.from_url(SHARED_REDIS_URL)
+    delete_prefix(r, value)
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def live_daemon(live_prefix: str):
+    from tests.conftest import SHARED_REDIS_URL
+    from tests.live_daemon import start_live_daemon
+    from tests.tiny import tiny_model
+
+    daemon = start_live_daemon(tiny_model(), SHARED_REDIS_URL, live_prefix)
+    yield daemon
+    daemon.stop()
+
+
+async def test_end_to_end_greedy_requests(live_daemon, live_prefix: str, redis_url: str) -> None:
+    """Through a real daemon: identical greedy requests give identical outputs, the streamed
+    deltas concatenate to the final text, and usage/timings describe the run."""
+    client = AsyncHelixClient.from_url(redis_url, prefix=live_prefix)
+    try:
+        ids = [await client.submit("The cat sat on", max_tokens=12, temperature=0,
+                                   ignore_eos=True) for _ in range(3)]
+        streamed = []
+        async for event in client.stream(ids[0], timeout_s=30):
+            if isinstance(event, TokenEvent):
+                streamed.append(event.text)
+        results = await asyncio.gather(*(client.result(rid, timeout_s=30) for rid in ids))
+    finally:
+        await client.aclose()
+    first = results[0]
+    assert all(r.ok and r.finish_reason == "length" for r in results)
+    assert len(first.token_ids) == 12 and first.usage["completion_tokens"] == 12
+    assert all(r.token_ids == first.token_ids and r.text == first.text for r in results)
+    assert "".join(streamed) == first.text
+    assert first.timings["attempts"] == 1 and first.timings["ttft_s"] is not None
+
+
+def test_daemon_rejection_comes_back_as_an_error_result(live_daemon, live_prefix: str,
+                                                        sync_redis) -> None:
+    """A producer that skips client validation (raw XADD, as from redis-cli) gets an `error`
+    event with code invalid_request, which result() reports instead of hanging."""
+    sync_redis.xadd(queue_key("default", live_prefix),
+                    {"v": "1", "id": "raw-1", "body": '{"prompt": "x", "max_tokens": 0}'})
+    with HelixClient.from_url("redis://127.0.0.1:6379/0", prefix=live_prefix) as client:
+        result = client.result("raw-1", timeout_s=30)
+    assert result.state == "error" and result.error_code == "invalid_request"

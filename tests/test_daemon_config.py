@@ -1,0 +1,49 @@
+"""DaemonConfig: defaults, HELIX_* parsing, and loud failures on bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from helix_daemon.config import DaemonConfig, default_daemon_id
+
+
+def test_defaults_give_a_stable_daemon_id() -> None:
+    """Without an explicit id the name is host:queue:index, the same on every restart."""
+    config = DaemonConfig(queue="q1", daemon_index=2)
+    assert config.daemon_id == default_daemon_id("q1", 2) and config.daemon_id.endswith(":q1:2")
+    assert DaemonConfig(queue="q1", daemon_index=2).daemon_id == config.daemon_id
+
+
+def test_from_env_reads_every_kind_of_field() -> None:
+    """Ints, floats, bools, optional ints and strings all come from HELIX_<FIELD>."""
+    env = {"HELIX_MODEL": "/m", "HELIX_LEASE_MS": "1500", "HELIX_RECLAIM_INTERVAL_S": "0.25",
+           "HELIX_LOG_JSON": "false", "HELIX_NUM_KV_BLOCKS": "64", "HELIX_DAEMON_ID": "d7",
+           "HELIX_KV_CACHE_MEMORY": "0.5", "UNRELATED": "x"}
+    config = DaemonConfig.from_env(env)
+    assert (config.model, config.lease_ms, config.reclaim_interval_s) == ("/m", 1500, 0.25)
+    assert config.log_json is False and config.num_kv_blocks == 64 and config.daemon_id == "d7"
+    assert config.kv_cache_bytes_or_fraction == 0.5
+    assert DaemonConfig.from_env({"HELIX_NUM_KV_BLOCKS": "none"}).num_kv_blocks is None
+
+
+def test_overrides_win_over_the_environment() -> None:
+    """Keyword overrides (CLI flags) replace what the environment says."""
+    config = DaemonConfig.from_env({"HELIX_QUEUE": "env"}, queue="flag")
+    assert config.queue == "flag"
+
+
+@pytest.mark.parametrize("env", [
+    {"HELIX_LEASE_MS": "soon"}, {"HELIX_LEASE_MS": "0"}, {"HELIX_MAX_ATTEMPTS": "-1"},
+    {"HELIX_LOG_JSON": "maybe"}, {"HELIX_RECLAIM_INTERVAL_S": "1s"}, {"HELIX_QUEUE": "a{b}"},
+    {"HELIX_KV_CACHE_MEMORY": "lots"}, {"HELIX_METRICS_PORT": "70000"},
+    {"HELIX_DRAIN_TIMEOUT_S": "-1"}, {"HELIX_NUM_KV_BLOCKS": "0"},
+])
+def test_bad_values_raise(env: dict[str, str]) -> None:
+    """A value that does not parse or is out of range raises ValueError, never a silent default."""
+    with pytest.raises(ValueError):
+        DaemonConfig.from_env(env)
+
+
+def test_heartbeat_ttl_covers_three_beats() -> None:
+    """The heartbeat key outlives two missed beats."""
+    assert DaemonConfig(heartbeat_interval_s=2).heartbeat_ttl_ms == 6000
