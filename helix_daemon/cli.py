@@ -52,7 +52,10 @@ def parse_memory(text: str) -> str:
 # --- parser ----------------------------------------------------------------------------------
 
 
-def _common(redis_url: str = "redis://127.0.0.1:6379/0") -> argparse.ArgumentParser:
+SHARED_DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def _common(redis_url: str = SHARED_DEFAULT_URL) -> argparse.ArgumentParser:
     # A fresh parent per subcommand: argparse shares parents' actions, so one subcommand's
     # defaults would otherwise leak into the others.
     common = argparse.ArgumentParser(add_help=False)
@@ -87,14 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="folder or hub id of the target model")
-    p.add_argument("--draft", default="none", help="none | ngram | folder or hub id of a draft")
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | directml | cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-cache-memory", type=parse_memory, default="auto",
-                   help="bytes (2GiB) or a fraction of free device memory (0.5)")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
-    p.add_argument("--daemon-id", default="", help="stable consumer name (default host:queue:0)")
+    # defaults are None: an unset flag leaves HELIX_<NAME> (or the built-in default) in force
+    p.add_argument("--model", help="folder or hub id of the target model (or HELIX_MODEL)")
+    p.add_argument("--draft", help="none (default) | ngram | folder or hub id of a draft")
+    p.add_argument("--device", help="auto (default) | cuda | cuda:N | mps | directml | cpu")
+    p.add_argument("--dtype", help="auto (default) | float32 | float16 | bfloat16 | float64")
+    p.add_argument("--kv-cache-memory", type=parse_memory,
+                   help="bytes (2GiB) or a fraction of free device memory (0.5); default auto")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 0 = off)")
+    p.add_argument("--daemon-id", help="stable consumer name (default host:queue:0)")
     p.add_argument("--max-num-seqs", type=int, default=None)
 
 
@@ -164,19 +168,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def daemon_config(args: argparse.Namespace, redis_url: str) -> Any:
-    """``DaemonConfig`` from HELIX_* variables, overridden by the flags given."""
+    """``DaemonConfig`` from HELIX_* variables, overridden by the flags given.
+
+    Serve flags default to None so an unset flag leaves its HELIX_* variable in force; the
+    shared flags (Redis URL, queue, prefix) override only when they differ from their default.
+    """
     from helix_daemon.config import DaemonConfig
 
-    overrides: dict[str, Any] = {
+    given = {
         "model": args.model, "draft": args.draft, "device": args.device, "dtype": args.dtype,
-        "kv_cache_memory": args.kv_cache_memory, "queue": args.queue, "key_prefix": args.prefix,
-        "redis_url": redis_url, "metrics_port": args.metrics_port,
+        "kv_cache_memory": args.kv_cache_memory, "metrics_port": args.metrics_port,
+        "daemon_id": args.daemon_id, "max_num_seqs": args.max_num_seqs,
     }
-    if args.daemon_id:
-        overrides["daemon_id"] = args.daemon_id
-    if args.max_num_seqs is not None:
-        overrides["max_num_seqs"] = args.max_num_seqs
-    return DaemonConfig.from_env(**overrides)
+    overrides = {name: value for name, value in given.items() if value is not None}
+    shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),
+              "redis_url": (redis_url, SHARED_DEFAULT_URL)}
+    overrides |= {name: value for name, (value, default) in shared.items() if value != default}
+    config = DaemonConfig.from_env(**overrides)
+    if not config.model:
+        raise SystemExit("helix serve: give --model or set HELIX_MODEL")
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -67,7 +67,8 @@ def build_draft_target_pair(draft_path: str | Path, target_path: str | Path, *,
     draft_path = build_tiny_model(draft_path, "llama", seed=seed, **config_kwargs)
     draft = AutoModelForCausalLM.from_pretrained(draft_path)
     num_draft_layers = draft.config.num_hidden_layers
-    config = tiny_config("llama", num_layers=num_draft_layers + extra_layers, **config_kwargs)
+    config = tiny_config("llama", **{**config_kwargs,
+                                     "num_layers": num_draft_layers + extra_layers})
     torch.manual_seed(seed + 1)
     target = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from helix_daemon.cli import finished_ids, main, parse_memory, percentile, read_batch
+from helix_daemon.cli import (
+    build_parser,
+    daemon_config,
+    finished_ids,
+    main,
+    parse_memory,
+    percentile,
+    read_batch,
+)
 from helix_daemon.client import HelixClient
 from helix_daemon.protocol import meta_key, out_key
 from tests.conftest import SHARED_REDIS_URL, delete_prefix
@@ -48,6 +56,23 @@ def test_parse_memory_accepts_sizes_and_fractions() -> None:
     for bad in ("lots", "2 parsecs", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_memory(bad)
+
+
+def test_serve_flags_override_helix_variables_only_when_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HELIX_* variables configure `helix serve` (as docker-compose relies on); a flag that is
+    given wins over its variable, and one that is not leaves the variable in force."""
+    for name, value in {"HELIX_MODEL": "/models/env", "HELIX_DRAFT": "ngram",
+                        "HELIX_QUEUE": "envq", "HELIX_METRICS_PORT": "9400",
+                        "HELIX_KEY_PREFIX": "envp"}.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["serve", "--draft", "none", "--queue", "flagq"])
+    config = daemon_config(args, args.redis_url)
+    assert (config.model, config.draft, config.queue) == ("/models/env", "none", "flagq")
+    assert (config.metrics_port, config.key_prefix) == (9400, "envp")
+    monkeypatch.delenv("HELIX_MODEL")
+    with pytest.raises(SystemExit, match="--model"):
+        daemon_config(build_parser().parse_args(["serve"]), args.redis_url)
 
 
 def test_batch_ids_are_deterministic(tmp_path: Path) -> None:

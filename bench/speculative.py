@@ -1,0 +1,347 @@
+"""Speculative decoding: Helix with a draft model or n-gram drafter against Helix without, against
+Hugging Face assisted generation and prompt lookup, at batch 1, 4, 16 and 64.
+
+Random independent models almost never agree, so the draft/target pair is built to agree the way a
+real pair does: the target is the draft plus extra layers whose residual contribution is scaled
+down (``helix_daemon.tiny_models.build_draft_target_pair``). Every method runs greedy, float32, on
+the same prompts; α (acceptance), K, c (draft pass / target step) and the theoretical speedup
+(1 - α^(K+1)) / ((1 - α)(1 + K c)) are reported beside the measured one.
+Run ``python bench/speculative.py [--quick]``; results go to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from helix_daemon.engine import Engine, EngineConfig
+from helix_daemon.tiny_models import build_draft_target_pair
+from scheduler.params import RequestParams, SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(os.environ.get("HELIX_BENCH_CACHE", Path.home() / ".cache" / "helix-bench"))
+
+
+@dataclass(frozen=True, slots=True)
+class PairSpec:
+    name: str
+    hidden_size: int
+    draft_layers: int
+    extra_layers: int  # target layers = draft_layers + extra_layers
+    num_heads: int
+    vocab_size: int
+    residual_scale: float  # smaller: the target's extra layers move it less, α is higher
+
+
+FULL_PAIR = PairSpec("pair-768", 768, 1, 11, 12, 8192, 0.05)
+QUICK_PAIR = PairSpec("pair-128", 128, 1, 5, 4, 512, 0.05)
+
+
+def build_pair(spec: PairSpec) -> tuple[Path, Path]:
+    """Save the pair once under the bench cache, EOS switched off so every run is full length."""
+    root = CACHE / spec.name
+    draft, target = root / "draft", root / "target"
+    if not (target / "config.json").exists():
+        build_draft_target_pair(draft, target, extra_layers=spec.extra_layers,
+                                residual_scale=spec.residual_scale, hidden_size=spec.hidden_size,
+                                num_layers=spec.draft_layers, num_heads=spec.num_heads,
+                                vocab_size=spec.vocab_size, max_positions=2048)
+        for path in (draft, target):
+            config = GenerationConfig.from_pretrained(path)
+            config.eos_token_id = None
+            config.save_pretrained(path)
+    return draft, target
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: int
+
+
+def make_workload(num: int, vocab: int, max_tokens: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(32, 96))] for _ in range(num)]
+    return Workload(prompts, max_tokens)
+
+
+@dataclass(slots=True)
+class Run:
+    """One method at one batch size: wall time, outputs, and the speculation counters."""
+
+    method: str
+    batch: int
+    seconds: float
+    outputs: list[list[int]]
+    steps: int = 0  # target forwards
+    proposed: int = 0
+    accepted: int = 0
+    rejections: int = 0  # seq-steps where a draft was rejected (acceptance stops there)
+    drafting_seq_steps: int = 0  # seq-steps that proposed at least one draft
+    draft_seconds: float = 0.0
+    draft_passes: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def alpha(self) -> float | None:
+        """Per-token acceptance: accepted / (accepted + first rejections), the geometric MLE."""
+        judged = self.accepted + self.rejections
+        return self.accepted / judged if judged else None
+
+    @property
+    def mean_k(self) -> float | None:
+        return self.proposed / self.drafting_seq_steps if self.drafting_seq_steps else None
+
+
+# -- Helix ------------------------------------------------------------------------------------
+
+
+def greedy(max_tokens: int) -> RequestParams:
+    return RequestParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0),
+                         ignore_eos=True)
+
+
+def make_engine(target: Path, draft: str, num_k: int) -> Engine:
+    config = EngineConfig(model=str(target), draft=draft, device="cpu", dtype="float32",
+                          num_kv_blocks=4096, max_num_seqs=128, max_num_batched_tokens=2048,
+                          num_speculative_tokens=num_k)
+    engine = Engine.from_config(config)
+    if engine.drafter is not None:  # time the draft passes without touching the engine's code
+        engine.drafter.propose = _timed_propose(engine.drafter.propose, engine)
+    engine.bench_draft = [0.0, 0]  # type: ignore[attr-defined]  # seconds, passes
+    return engine
+
+
+def _timed_propose(propose: Callable[[Any], None], engine: Engine) -> Callable[[Any], None]:
+    def timed(plan: Any) -> None:
+        started = time.perf_counter()
+        propose(plan)
+        engine.bench_draft[0] += time.perf_counter() - started  # type: ignore[attr-defined]
+        engine.bench_draft[1] += max(s.num_draft_slots for s in plan.scheduled)  # type: ignore
+    return timed
+
+
+def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
+    """Serve the prompts ``batch`` at a time (all of a group submitted together)."""
+    _warm_up(engine, work)
+    before_steps, before_draft = engine.stats().num_steps, list(engine.bench_draft)  # type: ignore
+    run = Run(method, batch, 0.0, [])
+    start = time.perf_counter()
+    for first in range(0, len(work.prompts), batch):
+        group = work.prompts[first: first + batch]
+        outputs = {f"b{first + i}": [] for i in range(len(group))}
+        seen = {rid: (0, 0) for rid in outputs}
+        for rid, prompt in zip(outputs, group):
+            engine.add_request(rid, prompt, greedy(work.max_tokens))
+        while engine.has_unfinished():
+            step_start = time.perf_counter()
+            step_outputs = engine.step()
+            run.step_seconds.append(time.perf_counter() - step_start)
+            for out in step_outputs:
+                outputs[out.request_id] += out.new_token_ids
+                _count_drafts(run, out, seen)
+        run.outputs += outputs.values()
+    run.seconds = time.perf_counter() - start
+    run.steps = engine.stats().num_steps - before_steps
+    run.draft_seconds = engine.bench_draft[0] - before_draft[0]  # type: ignore[attr-defined]
+    run.draft_passes = engine.bench_draft[1] - before_draft[1]  # type: ignore[attr-defined]
+    return run
+
+
+def _count_drafts(run: Run, out: Any, seen: dict[str, tuple[int, int]]) -> None:
+    """Per-step draft counters from the outputs' cumulative per-request ones."""
+    proposed = out.num_draft_proposed - seen[out.request_id][0]
+    accepted = out.num_draft_accepted - seen[out.request_id][1]
+    seen[out.request_id] = (out.num_draft_proposed, out.num_draft_accepted)
+    if proposed:
+        run.proposed += proposed
+        run.accepted += accepted
+        run.drafting_seq_steps += 1
+        run.rejections += accepted < proposed
+
+
+def _warm_up(engine: Engine, work: Workload) -> None:
+    for i, prompt in enumerate(work.prompts[:4]):
+        engine.add_request(f"warm{i}", prompt, greedy(8))
+    while engine.has_unfinished():
+        engine.step()
+
+
+# -- Hugging Face, batch 1 --------------------------------------------------------------------
+
+
+def load_hf(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                attn_implementation="sdpa").eval()
+
+
+@torch.inference_mode()
+def run_hf(method: str, work: Workload, **generate_kw: Any) -> Run:
+    """``generate`` one prompt at a time (assisted generation supports batch 1 only)."""
+    model = generate_kw.pop("model")
+    args = {"max_new_tokens": work.max_tokens, "do_sample": False, "pad_token_id": 0,
+            "eos_token_id": None, **generate_kw}
+    model.generate(torch.tensor([work.prompts[0]]), **(args | {"max_new_tokens": 8}))  # warm-up
+    outputs = []
+    start = time.perf_counter()
+    for prompt in work.prompts:
+        ids = model.generate(torch.tensor([prompt]), **args)
+        outputs.append(ids[0, len(prompt):].tolist())
+    return Run(method, 1, time.perf_counter() - start, outputs)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def theoretical_speedup(alpha: float, k: float, c: float) -> float:
+    """Leviathan et al.: expected tokens per step over the step's cost in target steps."""
+    if alpha >= 1.0:
+        return (k + 1) / (1 + k * c)
+    return (1 - alpha ** (k + 1)) / ((1 - alpha) * (1 + k * c))
+
+
+def summarise(run: Run, plain: Run | None, reference: list[list[int]]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "method": run.method, "batch": run.batch, "tokens": run.tokens,
+        "seconds": run.seconds, "tokens_per_s": run.tokens_per_s,
+        "identical": sum(o == r for o, r in zip(run.outputs, reference)),
+        "compared": len(reference),
+    }
+    if plain is not None:
+        row["speedup_vs_helix_plain"] = run.tokens_per_s / plain.tokens_per_s
+    if run.proposed:
+        step_time = statistics.median(plain.step_seconds) if plain else None
+        c = (run.draft_seconds / run.draft_passes) / step_time if step_time and \
+            run.draft_passes else 0.0
+        row |= {"alpha": run.alpha, "mean_k": run.mean_k, "c": c,
+                "acceptance_rate": run.accepted / run.proposed,
+                "tokens_per_target_forward_per_seq": run.tokens / (run.tokens - run.accepted),
+                "theoretical_speedup": theoretical_speedup(run.alpha or 0.0, run.mean_k or 0, c)}
+        row["measured_over_theory"] = row["speedup_vs_helix_plain"] / row["theoretical_speedup"]
+    return row
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    head = (f"{'batch':>5} {'method':<18} {'tok/s':>8} {'vs plain':>8} {'alpha':>6} {'K':>5} "
+            f"{'c':>5} {'theory':>6} {'meas/th':>7} {'tok/fwd':>7} {'identical':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['batch']:>5} {r['method']:<18} {r['tokens_per_s']:>8.1f} "
+              f"{fmt(r.get('speedup_vs_helix_plain'), '.2f'):>8} {fmt(r.get('alpha'), '.3f'):>6} "
+              f"{fmt(r.get('mean_k'), '.2f'):>5} {fmt(r.get('c'), '.3f'):>5} "
+              f"{fmt(r.get('theoretical_speedup'), '.2f'):>6} "
+              f"{fmt(r.get('measured_over_theory'), '.2f'):>7} "
+              f"{fmt(r.get('tokens_per_target_forward_per_seq'), '.2f'):>7} "
+              f"{r['identical']:>4}/{r['compared']:<4}")
+
+
+def check_targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
+    def find(method: str, batch: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["method"] == method and r["batch"] == batch), None)
+
+    spec1, assisted = find("helix+draft", 1), find("hf_assisted", 1)
+    largest = max(r["batch"] for r in rows)
+    spec_big = find("helix+draft", largest)
+    targets = {}
+    if spec1:
+        targets["batch 1: measured >= 90% of theory"] = spec1["measured_over_theory"] >= 0.9
+    if spec1 and assisted:
+        targets["batch 1: >= 1.3x HF assisted"] = \
+            spec1["tokens_per_s"] >= 1.3 * assisted["tokens_per_s"]
+    if spec_big:
+        targets[f"batch {largest}: >= 0.97x Helix without speculation"] = \
+            spec_big["speedup_vs_helix_plain"] >= 0.97
+    targets["greedy identical everywhere"] = all(r["identical"] == r["compared"] for r in rows)
+    return targets
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny pair, batches 1 and 4")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--num-speculative", type=int, default=4, help="most K per step")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = QUICK_PAIR if args.quick else FULL_PAIR
+    batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,4,16,64"))
+               .split(",")]
+    max_tokens = args.max_tokens or (32 if args.quick else 96)
+    draft, target = build_pair(spec)
+
+    rows: list[dict[str, Any]] = []
+    engines = {"helix": make_engine(target, "none", 0),
+               "helix+draft": make_engine(target, str(draft), args.num_speculative),
+               "helix+ngram": make_engine(target, "ngram", args.num_speculative)}
+    hf_target, hf_draft = load_hf(target), load_hf(draft)
+    for batch in batches:
+        work = make_workload(max(batch, 4), spec.vocab_size, max_tokens)
+        print(f"batch {batch}: {len(work.prompts)} prompts x {max_tokens} tokens", flush=True)
+        hf_runs = []
+        if batch == 1:
+            hf_runs = [run_hf("hf_generate", work, model=hf_target),
+                       run_hf("hf_assisted", work, model=hf_target, assistant_model=hf_draft),
+                       run_hf("hf_prompt_lookup", work, model=hf_target,
+                              prompt_lookup_num_tokens=args.num_speculative)]
+        reference = hf_runs[0].outputs if hf_runs else _reference(hf_target, work)
+        plain = run_helix(engines["helix"], "helix", work, batch)
+        runs = [*hf_runs, plain, run_helix(engines["helix+draft"], "helix+draft", work, batch),
+                run_helix(engines["helix+ngram"], "helix+ngram", work, batch)]
+        rows += [summarise(r, plain if r.method.startswith("helix") else None, reference)
+                 for r in runs]
+        for r in runs:
+            print(f"  {r.method}: {r.tokens_per_s:.1f} tok/s", flush=True)
+
+    print()
+    print_table(rows)
+    targets = check_targets(rows)
+    print("targets:", ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets.items()))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("speculative-quick.json" if args.quick else "speculative.json")
+    out.write_text(json.dumps({
+        "pair": asdict(spec),
+        "max_tokens": max_tokens, "num_speculative_tokens": args.num_speculative,
+        "rows": rows, "targets": targets, "torch": torch.__version__,
+        "transformers": transformers.__version__, "machine": platform.machine(),
+        "threads": args.threads, "loadavg": os.getloadavg(),
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+def _reference(model: torch.nn.Module, work: Workload) -> list[list[int]]:
+    """The target alone, one prompt at a time: what every greedy method must reproduce."""
+    return run_hf("hf_generate", work, model=model).outputs
+
+
+if __name__ == "__main__":
+    main()
