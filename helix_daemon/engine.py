@@ -200,11 +200,10 @@ class Engine:
 
     def _propose(self, plan: StepPlan) -> None:
         assert self.drafter is not None
-        num_passes = max(s.num_draft_slots for s in plan.scheduled)
-        started = time.perf_counter()
         self.drafter.propose(plan)
-        if num_passes and self._policy is not None:
-            self._policy.observe_draft_pass((time.perf_counter() - started) / num_passes)
+        if self._policy is not None:
+            for num_tokens, seconds in self.drafter.pass_timings:
+                self._policy.observe_draft_pass(num_tokens, seconds)
 
     def _run(self, plan: StepPlan) -> list[list[int]]:
         started = time.perf_counter()

@@ -7,6 +7,8 @@ skipped drafting for a while (K = 0) catches up in its next first draft pass.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -30,6 +32,7 @@ class ModelDrafter:
         self.generators: dict[str, torch.Generator | None] = {}  # set by the engine
         self.default_generator: torch.Generator | None = None
         self._probs: dict[int, torch.Tensor] = {}  # id(item) -> q of its drafts [k, vocab]
+        self.pass_timings: list[tuple[int, float]] = []
 
     @classmethod
     def load(cls, name: str, target: ModelRunner,
@@ -55,6 +58,7 @@ class ModelDrafter:
     def propose(self, plan: StepPlan) -> None:
         items = [s for s in plan.scheduled if s.num_draft_slots > 0]
         self._probs = {}
+        self.pass_timings = []
         if not items:
             return
         # pass 1 feeds every token the draft has not seen (usually 1-2), passes 2..K one each
@@ -62,9 +66,12 @@ class ModelDrafter:
         drafts: dict[int, list[torch.Tensor]] = {id(s): [] for s in items}
         for step in range(max(s.num_draft_slots for s in items)):
             active = [s for s in items if s.num_draft_slots > step]
+            started = time.perf_counter()
             probs = self._forward(active, feeds)
             tokens = sample(probs, [self.generators.get(s.seq.request_id) for s in active],
                             self.default_generator)
+            num_fed = sum(len(feeds[id(s)]) for s in active)
+            self.pass_timings.append((num_fed, time.perf_counter() - started))
             for i, item in enumerate(active):
                 item.draft_token_ids.append(int(tokens[i]))
                 drafts[id(item)].append(probs[i])

@@ -1,13 +1,15 @@
 """Adaptive speculation: how many draft tokens (K) each sequence gets this step.
 
-A step's time is modelled as ``a + b * n + d * k_max``: ``n`` tokens through the target (each
-verify slot costs ``b``) and ``k_max`` draft passes (each costs ``d``). A sequence with acceptance
+A step's time is modelled as ``a + b * n`` for ``n`` tokens through the target (each verify slot
+costs ``b``) plus, for each draft pass j, ``a_d + b_d * n_j`` for the ``n_j`` sequences still
+drafting in that pass. A sequence with acceptance
 rate α expects ``(1 - α^(K+1)) / (1 - α)`` tokens from K drafts. The policy picks the shared cap
 that maximises expected tokens per second for the whole batch, then drops each draft whose
 expected gain ``α^j`` is worth less than the time its verify slot costs at that rate. At low load
 (memory-bound, ``b`` tiny) this approaches the single-sequence theory; under heavy load
 (compute-bound, ``b * rate`` near 1) K falls to 0 and the step is plain decoding.
-``a``, ``b`` and ``d`` are fitted online from measured step times.
+All four are fitted online from measured times; a draft pass is timed on its own, so a pass that
+also catches the draft up on a new prompt is fitted as the many-token pass it is.
 """
 
 from __future__ import annotations
@@ -18,13 +20,29 @@ from scheduler.sequence import Sequence
 
 
 class StepCostModel:
-    """Online least squares fit of ``seconds = a + b * num_tokens`` with exponential forgetting."""
+    """Step time as a function of its token count: measured where seen, a line elsewhere.
+
+    The line is an online least squares fit of ``seconds = a + b * num_tokens`` with exponential
+    forgetting. Real cost is a staircase, not a line (on CPU a 3-row matmul costs what a 1-row one
+    does and a 4-row one 60% more), so each small token count also keeps its own running mean,
+    and ``predict`` prefers it: the policy then sees where one more draft token is free.
+    """
+
+    MAX_TABULATED = 512
 
     def __init__(self, a: float = 1.0, b: float = 0.01, decay: float = 0.97) -> None:
         self.a, self.b, self.decay = a, b, decay
         self._sums = [0.0] * 5  # weight, n, t, n*n, n*t
+        self._measured: dict[int, float] = {}
+
+    def predict(self, num_tokens: int) -> float:
+        measured = self._measured.get(num_tokens)
+        return measured if measured is not None else self.a + self.b * num_tokens
 
     def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= self.MAX_TABULATED:
+            old = self._measured.get(num_tokens)
+            self._measured[num_tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
         n, t = float(num_tokens), seconds
         self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, n, t, n * n, n * t))]
         w, sn, st, snn, snt = self._sums
@@ -46,21 +64,20 @@ class AdaptiveDraftPolicy:
         self.draft_cost = draft_cost  # draft pass / target step, until draft passes are timed
         self.target = StepCostModel()
         self.draft_pass = StepCostModel(b=0.0)
-        self.num_draft_observations = 0
+        self.num_draft_observations = 0  # until the first, a pass costs draft_cost target steps
         self.prior_acceptance = prior_acceptance
 
     def observe_target(self, num_tokens: int, seconds: float) -> None:
         self.target.observe(num_tokens, seconds)
 
-    def observe_draft_pass(self, seconds: float) -> None:
-        self.draft_pass.observe(0, seconds)
+    def observe_draft_pass(self, num_tokens: int, seconds: float) -> None:
+        self.draft_pass.observe(num_tokens, seconds)
         self.num_draft_observations += 1
 
-    @property
-    def draft_pass_seconds(self) -> float:
+    def draft_pass_seconds(self, num_tokens: int) -> float:
         if self.num_draft_observations:
-            return self.draft_pass.a
-        return self.draft_cost * self.target.a
+            return self.draft_pass.predict(num_tokens)
+        return self.draft_cost * self.target.predict(num_tokens)
 
     def acceptance(self, seq: Sequence) -> float:
         alpha = seq.acceptance_ema
@@ -74,11 +91,12 @@ class AdaptiveDraftPolicy:
         base = num_other_tokens + len(seqs)
         best_rate, best_ks = self._rate(alphas, [0] * len(seqs), base), [0] * len(seqs)
         for k_max in range(1, max(caps, default=0) + 1):
-            ks = [min(k_max, cap) for cap in caps]
-            ks = self._trim(alphas, ks, self._rate(alphas, ks, base))
-            rate = self._rate(alphas, ks, base)
-            if rate > best_rate:
-                best_rate, best_ks = rate, ks
+            full = [min(k_max, cap) for cap in caps]
+            # trimming by the line's marginal cost can be wrong on a staircase: keep both
+            for ks in (full, self._trim(alphas, full, self._rate(alphas, full, base))):
+                rate = self._rate(alphas, ks, base)
+                if rate > best_rate:
+                    best_rate, best_ks = rate, ks
         for seq, k in zip(seqs, best_ks):
             if k == 0 and seq.acceptance_ema is not None:  # drift back so it gets re-probed
                 seq.acceptance_ema += 0.05 * (self.prior_acceptance - seq.acceptance_ema)
@@ -86,8 +104,9 @@ class AdaptiveDraftPolicy:
 
     def _rate(self, alphas: list[float], ks: list[int], base: int) -> float:
         tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, ks))
-        seconds = (self.target.a + self.target.b * (base + sum(ks))
-                   + self.draft_pass_seconds * max(ks, default=0))
+        seconds = self.target.predict(base + sum(ks))
+        for j in range(1, max(ks, default=0) + 1):
+            seconds += self.draft_pass_seconds(sum(k >= j for k in ks))
         return tokens / seconds
 
     def _trim(self, alphas: list[float], ks: list[int], rate: float) -> list[int]:

@@ -1,0 +1,58 @@
+"""Adaptive K: the policy picks the draft length that maximises expected tokens per second."""
+
+from __future__ import annotations
+
+from scheduler.params import RequestParams
+from scheduler.sequence import Sequence
+from scheduler.speculation import AdaptiveDraftPolicy, StepCostModel
+
+
+def _seq(name: str, acceptance: float | None) -> Sequence:
+    seq = Sequence(name, [1, 2, 3], RequestParams(max_tokens=64), arrival=0)
+    seq.acceptance_ema = acceptance
+    return seq
+
+
+def _policy(step_ms: dict[int, float], draft_pass_ms: float) -> AdaptiveDraftPolicy:
+    policy = AdaptiveDraftPolicy()
+    for _ in range(5):
+        for num_tokens, ms in step_ms.items():
+            policy.observe_target(num_tokens, ms / 1e3)
+        policy.observe_draft_pass(1, draft_pass_ms / 1e3)
+    return policy
+
+
+def test_cost_model_prefers_measured_sizes_over_the_line() -> None:
+    """Sizes that were measured are predicted as measured (a staircase), others from the line."""
+    model = StepCostModel()
+    for _ in range(20):
+        for n, ms in ((1, 25.0), (3, 25.0), (5, 43.0), (64, 120.0)):
+            model.observe(n, ms / 1e3)
+    assert abs(model.predict(3) - 0.025) < 1e-9
+    assert abs(model.predict(5) - 0.043) < 1e-9
+    assert model.predict(2) < model.predict(32) < model.predict(64)
+
+
+def test_staircase_cost_stops_k_where_the_step_gets_dearer() -> None:
+    """Verifying up to 3 tokens costs one plain step and 4+ cost 60% more: with good acceptance
+    the policy drafts exactly 2 tokens (3 verified), the most that stay free."""
+    policy = _policy({1: 25.0, 2: 25.0, 3: 25.5, 4: 41.0, 5: 43.0, 6: 45.0}, draft_pass_ms=3.0)
+    assert policy.choose([_seq("a", 0.7)], [4], 0) == [2]
+
+
+def test_bad_acceptance_or_dear_drafts_turn_speculation_off() -> None:
+    """A sequence whose drafts are mostly rejected, or a draft pass as dear as a target step,
+    gets K = 0: speculation must never slow decoding down."""
+    flat = {n: 25.0 for n in range(1, 8)}
+    assert _policy(flat, draft_pass_ms=3.0).choose([_seq("a", 0.02)], [4], 0) == [0]
+    assert _policy(flat, draft_pass_ms=30.0).choose([_seq("a", 0.5)], [4], 0) == [0]
+
+
+def test_compute_bound_batch_drafts_less_than_a_single_sequence() -> None:
+    """When every extra verified token costs real time (a large, compute-bound batch), the
+    policy drafts less per sequence than it does for a lone sequence with the same acceptance."""
+    per_token = {n: 10.0 + 2.0 * n for n in range(1, 400)}
+    policy = _policy(per_token, draft_pass_ms=3.0)
+    lone = policy.choose([_seq("a", 0.6)], [4], 0)
+    crowd = policy.choose([_seq(f"s{i}", 0.6) for i in range(64)], [4] * 64, 0)
+    assert sum(crowd) / len(crowd) < lone[0]
