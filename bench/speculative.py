@@ -148,7 +148,7 @@ def _timed_propose(propose: Callable[[Any], None], engine: Engine) -> Callable[[
 
 def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
     """Serve the prompts ``batch`` at a time (all of a group submitted together)."""
-    _warm_up(engine, work)
+    _warm_up(engine, work, batch)
     before_steps, before_draft = engine.stats().num_steps, list(engine.bench_draft)  # type: ignore
     run = Run(method, batch, 0.0, [])
     start = time.perf_counter()
@@ -185,8 +185,9 @@ def _count_drafts(run: Run, out: Any, seen: dict[str, tuple[int, int]]) -> None:
         run.rejections += accepted < proposed
 
 
-def _warm_up(engine: Engine, work: Workload) -> None:
-    for i, prompt in enumerate(work.prompts[:4]):
+def _warm_up(engine: Engine, work: Workload, batch: int) -> None:
+    """A few steps at the run's batch size, so no method pays for first-seen shapes."""
+    for i, prompt in enumerate(work.prompts[:batch]):
         engine.add_request(f"warm{i}", prompt, greedy(8))
     while engine.has_unfinished():
         engine.step()

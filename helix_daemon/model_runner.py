@@ -43,7 +43,7 @@ def helix_attention(
              value[0].transpose(0, 1), helix.meta.slot_mapping)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = paged_attention(query[0].transpose(0, 1), cache.keys[layer], cache.values[layer],
-                          helix.meta, scale, sliding_window)
+                          helix.meta, scale, sliding_window, cache.workspace)
     return out[None], None
 
 

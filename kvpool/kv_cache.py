@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpool.attention import GatherWorkspace
+
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
@@ -48,6 +50,7 @@ class PagedKVCache:
                      for _ in range(spec.num_layers)]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=spec.device)
                        for _ in range(spec.num_layers)]
+        self.workspace = GatherWorkspace()  # shared by the layers: one runs at a time
 
     @property
     def num_bytes(self) -> int:
