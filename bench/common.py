@@ -114,6 +114,8 @@ class WorkloadSpec:
 
 FULL_WORKLOAD = WorkloadSpec(48, (16, 512), (16, 256), rate=4.0)
 QUICK_WORKLOAD = WorkloadSpec(16, (16, 128), (16, 64), rate=100.0)
+# the workload of the HF baselines in shared/anchors/baselines.md: 16 x 128 tokens, short prompts
+REFERENCE_WORKLOAD = WorkloadSpec(16, (24, 40), (128, 128), rate=1000.0)
 
 
 def make_workload(spec: WorkloadSpec, vocab_size: int) -> list[BenchRequest]:

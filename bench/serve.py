@@ -254,6 +254,45 @@ async def drive_client(jobs: list[Job], url: str, prefix: str) -> dict[str, floa
     return summary
 
 
+# --- write capacity ------------------------------------------------------------------------
+
+
+async def write_capacity(url: str, num_requests: int = 64, num_steps: int = 200) -> dict[str, Any]:
+    """Token events per second the daemon's write path sustains, with no model in the way.
+
+    ``num_requests`` claimed requests each get one single-token event per step, written the
+    way the daemon's flush loop writes a step: every fenced append in one pipeline
+    (``Store.append_many``, the same Lua script). The engine in the serving runs above makes
+    far fewer tokens per second than this, so this is what bounds a daemon on faster hardware.
+    """
+    from helix_daemon.store import Append, Store
+
+    prefix = f"helixbench-{uuid.uuid4().hex[:8]}"
+    client = aioredis.Redis.from_url(url)
+    store = Store(client, prefix=prefix, queue="capacity", daemon_id="writer", lease_ms=60_000)
+    ttl_ms = 600_000
+    try:
+        claims = [await store.claim(f"w{i}", f"{i + 1}-0", now_ms=1, created_ms=1,
+                                    max_attempts=3, result_ttl_ms=ttl_ms)
+                  for i in range(num_requests)]
+        started = time.perf_counter()
+        for step in range(num_steps):
+            ops = [Append(f"w{i}", "writer", p.TokenEvent(seq=step, att=c.epoch, off=step,
+                                                          text="x", ids=[7]), step, step + 1,
+                          ttl_ms)
+                   for i, c in enumerate(claims)]
+            statuses = await store.append_many(ops, now_ms=2)
+            if any(status != "ok" for status in statuses):
+                raise RuntimeError(f"write refused: {set(statuses)}")
+        seconds = time.perf_counter() - started
+    finally:
+        await client.aclose()
+        await _delete_prefix(url, prefix)
+    events = num_requests * num_steps
+    return {"requests": num_requests, "steps": num_steps, "events": events,
+            "seconds": round(seconds, 3), "token_events_per_s": round(events / seconds, 1)}
+
+
 # --- driver --------------------------------------------------------------------------------
 
 
@@ -383,11 +422,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Redis {url}; {args.num_requests} requests per run, median of {args.repeats}"
                   f" runs\n{_HEADER}", flush=True)
             rows = asyncio.run(bench(args, engine, url))
+            capacity = asyncio.run(write_capacity(url))
+            print(f"write path alone: {capacity['token_events_per_s']:.0f} token events/s "
+                  f"({capacity['requests']} requests x {capacity['steps']} steps, one pipeline "
+                  "per step)", flush=True)
     finally:
         close()
     report = {"config": {k: str(v) for k, v in vars(args).items()},
               "machine": {"python": platform.python_version(), "platform": platform.platform()},
-              "runs": rows}
+              "runs": rows, "write_capacity": capacity}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=_json_default))
     print(f"wrote {args.out}")

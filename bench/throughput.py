@@ -35,6 +35,7 @@ from bench.common import (
     FULL_WORKLOAD,
     QUICK_MODEL,
     QUICK_WORKLOAD,
+    REFERENCE_WORKLOAD,
     BenchRequest,
     ModelSpec,
     RequestTrace,
@@ -450,6 +451,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 short requests")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--workload", choices=("mixed", "reference"), default="mixed",
+                        help="mixed (default): 48 requests, prompts 16-512, 16-256 new tokens; "
+                             "reference: 16 x 128 new tokens, prompts 24-40, all at once")
     parser.add_argument("--num-requests", type=int, help="override the workload size")
     parser.add_argument("--rate", type=float, help="override the arrival rate (requests/s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -466,13 +470,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.model = QUICK_MODEL if args.quick else FULL_MODEL
     # a quick smoke run must not overwrite the figures of a full run
-    args.output = args.output or RESULTS / ("throughput-quick.json" if args.quick
+    name = "quick" if args.quick else None if args.workload == "mixed" else args.workload
+    args.output = args.output or RESULTS / (f"throughput-{name}.json" if name
                                             else "throughput.json")
     return args
 
 
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
-    base = QUICK_WORKLOAD if args.quick else FULL_WORKLOAD
+    base = QUICK_WORKLOAD if args.quick else \
+        REFERENCE_WORKLOAD if args.workload == "reference" else FULL_WORKLOAD
     return WorkloadSpec(args.num_requests or base.num_requests, base.prompt_len,
                         base.max_tokens, args.rate or base.rate, args.seed)
 

@@ -99,7 +99,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="bytes (2GiB) or a fraction of free device memory (0.5); default auto")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 0 = off)")
     p.add_argument("--daemon-id", help="stable consumer name (default host:queue:0)")
-    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, help="most sequences in a step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="most tokens in a step (default 1024)")
+    p.add_argument("--num-speculative-tokens", type=int,
+                   help="most draft tokens per sequence and step (default 4)")
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
@@ -179,6 +183,8 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> Any:
         "model": args.model, "draft": args.draft, "device": args.device, "dtype": args.dtype,
         "kv_cache_memory": args.kv_cache_memory, "metrics_port": args.metrics_port,
         "daemon_id": args.daemon_id, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "num_speculative_tokens": args.num_speculative_tokens,
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),

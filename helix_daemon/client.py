@@ -114,6 +114,55 @@ class SeqCursor:
         return True
 
 
+class StreamReader:
+    """One reader of a request's out stream, shared by the async and the sync client: where to
+    XREAD from next, which events of a reply to deliver, gaps and the deadline."""
+
+    def __init__(self, request_id: str, from_seq: int, block_ms: int,
+                 timeout_s: float | None) -> None:
+        self.request_id = request_id
+        self.cursor = SeqCursor(from_seq)
+        self.last_id: bytes | str = "0"
+        self._block_ms = block_ms
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._rereads = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.cursor.finished
+
+    def block_ms(self) -> int:
+        if self._deadline is None:
+            return self._block_ms
+        # XREAD BLOCK 0 means "forever": never hand it a zero left over from rounding.
+        return max(1, min(self._block_ms, int((self._deadline - time.monotonic()) * 1000)))
+
+    def take(self, reply: Any) -> list[Event]:
+        """The new events of one XREAD reply, in order; raises TimeoutError past the deadline
+        and ``StreamGapError`` when a gap persists."""
+        entries = reply[0][1] if reply else []
+        events: list[Event] = []
+        for entry_id, fields in entries:
+            event = decode_event(fields)
+            verdict = self.cursor.accept(event)
+            if verdict is None:  # a gap: read the stream again from its start
+                if self._rereads >= _MAX_GAP_REREADS:
+                    raise StreamGapError(
+                        f"sequence {self.cursor.next_seq} is missing from the out stream")
+                self._rereads += 1
+                self.last_id = "0"
+                break
+            self.last_id = entry_id
+            if verdict:
+                events.append(event)
+                if self.cursor.finished:
+                    break
+        deadline = self._deadline
+        if not entries and deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no terminal event for request {self.request_id!r} in time")
+        return events
+
+
 @dataclass
 class RequestResult:
     """The outcome of one request, assembled from its events."""
@@ -265,31 +314,15 @@ class AsyncHelixClient:
         Raises TimeoutError when ``timeout_s`` passes first.
         """
         key = out_key(request_id, self.prefix)
-        cursor = SeqCursor(from_seq)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_id: bytes | str = "0"
-        rereads = 0
-        while not cursor.finished:
+        reader = StreamReader(request_id, from_seq, block_ms, timeout_s)
+        while not reader.finished:
             try:
-                reply = await self.redis.xread({key: last_id}, count=_READ_COUNT,
-                                               block=_block_for(block_ms, deadline))
+                reply = await self.redis.xread({key: reader.last_id}, count=_READ_COUNT,
+                                               block=reader.block_ms())
             except redis.TimeoutError:
                 reply = None  # a socket timeout shorter than the block: same as no news
-            entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                event = decode_event(fields)
-                verdict = cursor.accept(event)
-                if verdict is None:
-                    rereads = _count_reread(rereads, cursor.next_seq)
-                    last_id = "0"
-                    break
-                last_id = entry_id
-                if verdict:
-                    yield event
-                    if cursor.finished:
-                        return
-            if not entries:
-                _check_deadline(deadline, request_id)
+            for event in reader.take(reply):
+                yield event
 
     async def result(self, request_id: str, timeout_s: float | None = None) -> RequestResult:
         """Wait for the terminal event and return the whole outcome."""
@@ -385,31 +418,14 @@ class HelixClient:
                timeout_s: float | None = None) -> Iterator[Event]:
         """See ``AsyncHelixClient.stream``."""
         key = out_key(request_id, self.prefix)
-        cursor = SeqCursor(from_seq)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_id: bytes | str = "0"
-        rereads = 0
-        while not cursor.finished:
+        reader = StreamReader(request_id, from_seq, block_ms, timeout_s)
+        while not reader.finished:
             try:
-                reply = self.redis.xread({key: last_id}, count=_READ_COUNT,
-                                         block=_block_for(block_ms, deadline))
+                reply = self.redis.xread({key: reader.last_id}, count=_READ_COUNT,
+                                         block=reader.block_ms())
             except redis.TimeoutError:
                 reply = None
-            entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                event = decode_event(fields)
-                verdict = cursor.accept(event)
-                if verdict is None:
-                    rereads = _count_reread(rereads, cursor.next_seq)
-                    last_id = "0"
-                    break
-                last_id = entry_id
-                if verdict:
-                    yield event
-                    if cursor.finished:
-                        return
-            if not entries:
-                _check_deadline(deadline, request_id)
+            yield from reader.take(reply)
 
     def result(self, request_id: str, timeout_s: float | None = None) -> RequestResult:
         """See ``AsyncHelixClient.result``."""
@@ -463,24 +479,6 @@ def _pick_group(groups: list[Mapping[Any, Any]]) -> tuple[int, int | None]:
             lag = named.get("lag")
             return int(named.get("pending") or 0), None if lag is None else int(lag)
     return 0, None
-
-
-def _block_for(block_ms: int, deadline: float | None) -> int:
-    if deadline is None:
-        return block_ms
-    # XREAD BLOCK 0 means "forever": never hand it a zero left over from rounding.
-    return max(1, min(block_ms, int((deadline - time.monotonic()) * 1000)))
-
-
-def _check_deadline(deadline: float | None, request_id: str) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise TimeoutError(f"no terminal event for request {request_id!r} in time")
-
-
-def _count_reread(rereads: int, next_seq: int) -> int:
-    if rereads >= _MAX_GAP_REREADS:
-        raise StreamGapError(f"sequence {next_seq} is missing from the out stream")
-    return rereads + 1
 
 
 def result_json(result: RequestResult) -> str:

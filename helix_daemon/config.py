@@ -37,6 +37,8 @@ class DaemonConfig:
     kv_cache_memory: str = "auto"
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use tiny pools)
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # tokens per step: bounds a prefill chunk's stall
+    num_speculative_tokens: int = 4  # most draft tokens per sequence and step (adaptive below)
     metrics_port: int = 0  # 0 = no HTTP metrics endpoint
     result_ttl_s: int = 3600
     lease_ms: int = 30_000  # an entry idle this long is taken over by another daemon
@@ -59,8 +61,10 @@ class DaemonConfig:
                 check_request_id(getattr(self, name))  # same rule: printable, no braces
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-        _positive(self, "max_num_seqs", "lease_ms", "reclaim_interval_s", "heartbeat_interval_s",
-                  "max_attempts", "result_ttl_s")
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0")
+        _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
+                  "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
         if not 0 <= self.metrics_port <= 65535:

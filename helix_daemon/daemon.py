@@ -95,7 +95,10 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             self._flush_loop(), self._lease_loop(), self._cancel_listener())]
         await self._recover_own_entries()
         pulling = [asyncio.create_task(c) for c in (self._intake_loop(), self._reclaim_loop())]
-        self.log.info("daemon started", queue=self.config.queue, model=self.config.model)
+        engine = self.engine
+        self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
+                      device=str(engine.device), kv_blocks=engine.allocator.num_blocks,
+                      kv_block_size=engine.config.block_size, kv_bytes=engine.kv_cache_bytes)
         return background, pulling
 
     async def _shutdown(self, background: list[asyncio.Task[None]],
@@ -373,7 +376,9 @@ def build_engine(config: DaemonConfig) -> Any:
     from helix_daemon.engine import Engine, EngineConfig
 
     kwargs: dict[str, Any] = dict(model=config.model, draft=config.draft, device=config.device,
-                                  dtype=config.dtype, max_num_seqs=config.max_num_seqs)
+                                  dtype=config.dtype, max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  num_speculative_tokens=config.num_speculative_tokens)
     if config.kv_cache_bytes_or_fraction is not None:
         kwargs["kv_cache_memory"] = config.kv_cache_bytes_or_fraction
     if config.num_kv_blocks is not None:

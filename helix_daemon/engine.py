@@ -284,6 +284,14 @@ class Engine:
             kv_slots_used=self._slots_used,
         )
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the KV pool: the target's tensors plus the draft model's, if any."""
+        caches = [self.target.cache]
+        if self.drafter is not None:
+            caches.append(getattr(getattr(self.drafter, "runner", None), "cache", None))
+        return sum(c.num_bytes for c in caches if c is not None)
+
     def check_integrity(self) -> None:
         self.allocator.check_integrity(self.scheduler.block_tables())
 

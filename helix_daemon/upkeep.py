@@ -36,6 +36,7 @@ class UpkeepMixin:
     _flush_needed: asyncio.Event
     _closing: bool
     _worker: EngineWorker | None
+    engine: Any
     client: aioredis.Redis
     _stall_s: float
     _spec: tuple[int, int]
@@ -75,7 +76,8 @@ class UpkeepMixin:
         self._window_start = now
         proposed, accepted = self._spec
         beat = p.Heartbeat(
-            daemon_id=self.config.daemon_id, model=self.config.model, device=self.config.device,
+            daemon_id=self.config.daemon_id, model=self.config.model,
+            device=str(getattr(self.engine, "device", self.config.device)),
             queue=self.config.queue, pid=os.getpid(),
             running=getattr(stats, "num_running", 0), waiting=getattr(stats, "num_waiting", 0),
             kv_blocks_used=getattr(stats, "kv_blocks_used", 0),

@@ -49,3 +49,12 @@ def test_gpt2_greedy_matches_hf() -> None:
     engine = make_engine(path, num_kv_blocks=256, max_num_batched_tokens=64)
     outputs = run_engine(engine, jobs)
     assert outputs == {j.request_id: hf_greedy(path, j.prompt_ids, j.max_tokens) for j in jobs}
+
+
+def test_kv_pool_is_sized_from_a_byte_budget(path: str) -> None:
+    """A budget in bytes buys as many whole blocks as fit, and the engine reports their bytes."""
+    budget = 3 * 2**20
+    engine = make_engine(path, kv_cache_memory=budget)
+    per_block = engine.target.kv_spec.bytes_per_block(engine.config.block_size)
+    assert engine.allocator.num_blocks == budget // per_block
+    assert budget - per_block < engine.kv_cache_bytes <= budget
