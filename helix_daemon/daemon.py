@@ -91,10 +91,11 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         await self._until_ok(self.store.ensure_group)
         self._worker.start()
         self.metrics.start_http(self.config.metrics_port)
-        background = [asyncio.create_task(c) for c in (
+        background = [asyncio.create_task(c, name=c.__name__) for c in (
             self._flush_loop(), self._lease_loop(), self._cancel_listener())]
         await self._recover_own_entries()
-        pulling = [asyncio.create_task(c) for c in (self._intake_loop(), self._reclaim_loop())]
+        pulling = [asyncio.create_task(c, name=c.__name__)
+                   for c in (self._intake_loop(), self._reclaim_loop())]
         engine = self.engine
         self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
                       device=str(engine.device), kv_blocks=engine.allocator.num_blocks,
