@@ -220,6 +220,9 @@ class Engine:
     def _accept(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
         """Sample each sequence's next token(s); with drafts, rejection sampling keeps p exact."""
         sampling = [s for s in plan.scheduled if s.samples]
+        if all(s.seq.params.sampling.is_greedy for s in sampling):
+            chosen = iter(self._accept_greedy(sampling, logits))
+            return [next(chosen) if s.samples else [] for s in plan.scheduled]
         params = [s.seq.params.sampling
                   for s in sampling for _ in range(len(s.draft_token_ids) + 1)]
         probs = shape_probs(logits, params)
@@ -230,6 +233,24 @@ class Engine:
         else:
             chosen = iter(self._accept_drafts(sampling, probs, generators))
         return [next(chosen) if s.samples else [] for s in plan.scheduled]
+
+    def _accept_greedy(self, sampling: list[ScheduledSeq],
+                       logits: torch.Tensor) -> list[list[int]]:
+        """All-greedy steps: p is one-hot at the argmax, so rejection sampling reduces to keeping
+        drafts while they equal the argmax and then emitting the argmax (no uniforms needed)."""
+        argmax = logits.argmax(dim=-1).tolist()  # ties: the lowest index, as in shape_probs
+        chosen, row = [], 0
+        for item in sampling:
+            drafts = item.draft_token_ids
+            targets = argmax[row: row + len(drafts) + 1]
+            kept = 0
+            while kept < len(drafts) and drafts[kept] == targets[kept]:
+                kept += 1
+            chosen.append(drafts[:kept] + [targets[kept]])
+            self._num_proposed += len(drafts)
+            self._num_accepted += kept
+            row += len(drafts) + 1
+        return chosen
 
     def _accept_drafts(self, sampling: list[ScheduledSeq], probs: torch.Tensor,
                        generators: list[torch.Generator | None]) -> list[list[int]]:
