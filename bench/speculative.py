@@ -19,7 +19,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,26 +130,13 @@ def make_engine(target: Path, draft: str, num_k: int) -> Engine:
     config = EngineConfig(model=str(target), draft=draft, device="cpu", dtype="float32",
                           num_kv_blocks=4096, max_num_seqs=128, max_num_batched_tokens=2048,
                           num_speculative_tokens=num_k)
-    engine = Engine.from_config(config)
-    if engine.drafter is not None:  # time the draft passes without touching the engine's code
-        engine.drafter.propose = _timed_propose(engine.drafter.propose, engine)
-    engine.bench_draft = [0.0, 0]  # type: ignore[attr-defined]  # seconds, passes
-    return engine
-
-
-def _timed_propose(propose: Callable[[Any], None], engine: Engine) -> Callable[[Any], None]:
-    def timed(plan: Any) -> None:
-        started = time.perf_counter()
-        propose(plan)
-        engine.bench_draft[0] += time.perf_counter() - started  # type: ignore[attr-defined]
-        engine.bench_draft[1] += max(s.num_draft_slots for s in plan.scheduled)  # type: ignore
-    return timed
+    return Engine.from_config(config)
 
 
 def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
     """Serve the prompts ``batch`` at a time (all of a group submitted together)."""
     _warm_up(engine, work, batch)
-    before_steps, before_draft = engine.stats().num_steps, list(engine.bench_draft)  # type: ignore
+    before_steps = engine.stats().num_steps
     run = Run(method, batch, 0.0, [])
     start = time.perf_counter()
     for first in range(0, len(work.prompts), batch):
@@ -162,14 +149,15 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
             step_start = time.perf_counter()
             step_outputs = engine.step()
             run.step_seconds.append(time.perf_counter() - step_start)
+            for _num_tokens, seconds in engine.drafter.pass_timings if engine.drafter else ():
+                run.draft_seconds += seconds  # the drafter times each of its passes
+                run.draft_passes += 1
             for out in step_outputs:
                 outputs[out.request_id] += out.new_token_ids
                 _count_drafts(run, out, seen)
         run.outputs += outputs.values()
     run.seconds = time.perf_counter() - start
     run.steps = engine.stats().num_steps - before_steps
-    run.draft_seconds = engine.bench_draft[0] - before_draft[0]  # type: ignore[attr-defined]
-    run.draft_passes = engine.bench_draft[1] - before_draft[1]  # type: ignore[attr-defined]
     return run
 
 
