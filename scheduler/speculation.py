@@ -23,26 +23,34 @@ class StepCostModel:
     """Step time as a function of its token count: measured where seen, a line elsewhere.
 
     The line is an online least squares fit of ``seconds = a + b * num_tokens`` with exponential
-    forgetting. Real cost is a staircase, not a line (on CPU a 3-row matmul costs what a 1-row one
-    does and a 4-row one 60% more), so each small token count also keeps its own running mean,
+    forgetting. Real cost is a staircase, not a line (on CPU a 3-token forward costs what a 1-token
+    one does and a 4-token one about 50% more), so each small token count keeps its own mean,
     and ``predict`` prefers it: the policy then sees where one more draft token is free.
+    A size not seen for ``STALE_AFTER`` observations falls back to the line, so one slow sample
+    (a noisy neighbour) cannot keep the policy away from that size for good.
     """
 
     MAX_TABULATED = 512
+    STALE_AFTER = 500
 
     def __init__(self, a: float = 1.0, b: float = 0.01, decay: float = 0.97) -> None:
         self.a, self.b, self.decay = a, b, decay
         self._sums = [0.0] * 5  # weight, n, t, n*n, n*t
-        self._measured: dict[int, float] = {}
+        self._measured: dict[int, tuple[float, int]] = {}  # size -> (mean seconds, last seen)
+        self._num_observed = 0
 
     def predict(self, num_tokens: int) -> float:
         measured = self._measured.get(num_tokens)
-        return measured if measured is not None else self.a + self.b * num_tokens
+        if measured is not None and self._num_observed - measured[1] <= self.STALE_AFTER:
+            return measured[0]
+        return self.a + self.b * num_tokens
 
     def observe(self, num_tokens: int, seconds: float) -> None:
+        self._num_observed += 1
         if num_tokens <= self.MAX_TABULATED:
             old = self._measured.get(num_tokens)
-            self._measured[num_tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            mean = seconds if old is None else 0.8 * old[0] + 0.2 * seconds
+            self._measured[num_tokens] = (mean, self._num_observed)
         n, t = float(num_tokens), seconds
         self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, n, t, n * n, n * t))]
         w, sn, st, snn, snt = self._sums

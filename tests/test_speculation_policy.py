@@ -33,6 +33,18 @@ def test_cost_model_prefers_measured_sizes_over_the_line() -> None:
     assert model.predict(2) < model.predict(32) < model.predict(64)
 
 
+def test_a_size_not_seen_for_long_falls_back_to_the_line() -> None:
+    """One slow sample of a size that is then never chosen again cannot pin its cost forever:
+    after enough other observations its prediction returns to the fitted line."""
+    model = StepCostModel()
+    model.observe(4, 1.0)  # a single outlier
+    assert model.predict(4) == 1.0
+    for _ in range(StepCostModel.STALE_AFTER + 1):
+        model.observe(1, 0.025)
+        model.observe(8, 0.040)
+    assert model.predict(4) < 0.1
+
+
 def test_staircase_cost_stops_k_where_the_step_gets_dearer() -> None:
     """Verifying up to 3 tokens costs one plain step and 4+ cost 60% more: with good acceptance
     the policy drafts exactly 2 tokens (3 verified), the most that stay free."""
