@@ -1,15 +1,15 @@
 """Adaptive speculation: how many draft tokens (K) each sequence gets this step.
 
-A step's time is modelled as ``a + b * n`` for ``n`` tokens through the target (each verify slot
-costs ``b``) plus, for each draft pass j, ``a_d + b_d * n_j`` for the ``n_j`` sequences still
-drafting in that pass. A sequence with acceptance
-rate α expects ``(1 - α^(K+1)) / (1 - α)`` tokens from K drafts. The policy picks the shared cap
-that maximises expected tokens per second for the whole batch, then drops each draft whose
-expected gain ``α^j`` is worth less than the time its verify slot costs at that rate. At low load
-(memory-bound, ``b`` tiny) this approaches the single-sequence theory; under heavy load
-(compute-bound, ``b * rate`` near 1) K falls to 0 and the step is plain decoding.
-All four are fitted online from measured times; a draft pass is timed on its own, so a pass that
-also catches the draft up on a new prompt is fitted as the many-token pass it is.
+A step's time is the target's cost for ``n`` tokens (each verify slot adds to ``n``) plus, for
+each draft pass j, the draft's cost for the ``n_j`` sequences still drafting in that pass. Both
+costs are learned online (``StepCostModel``: measured per size, a fitted line elsewhere). A
+sequence with acceptance rate α expects ``(1 - α^(K+1)) / (1 - α)`` tokens from K drafts. The
+policy picks the shared cap that maximises expected tokens per second for the whole batch, and
+also tries dropping each draft whose expected gain ``α^j`` is worth less than its verify slot. At
+low load (memory-bound, verify slots nearly free) this approaches the single-sequence theory;
+under heavy load (compute-bound, each slot costs a token's worth of time) K falls to 0 and the
+step is plain decoding. A draft pass is timed on its own, so a pass that also catches the draft
+up on a new prompt is learned as the many-token pass it is.
 """
 
 from __future__ import annotations
