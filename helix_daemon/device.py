@@ -61,8 +61,22 @@ def free_memory_bytes(device: torch.device) -> int:
     raise ValueError(f"cannot query free memory on {device}; give the KV budget in bytes")
 
 
-def kv_budget_bytes(budget: float | int, device: torch.device) -> int:
-    """A budget ``<= 1`` is a fraction of free device memory; a larger one is bytes."""
+# "auto": this share of free memory, or a fixed size where free memory cannot be queried
+AUTO_KV_FRACTION = 0.3
+AUTO_KV_BYTES_UNKNOWN_DEVICE = 2 * 2**30
+
+
+def kv_budget_bytes(budget: float | int | None, device: torch.device) -> int:
+    """A budget ``<= 1`` is a fraction of free device memory; a larger one is bytes.
+
+    ``None`` (auto) is 30 % of free memory, or 2 GiB on a device that cannot report its free
+    memory (DirectML): a first run with default settings must work everywhere.
+    """
+    if budget is None:
+        try:
+            return int(free_memory_bytes(device) * AUTO_KV_FRACTION)
+        except ValueError:
+            return AUTO_KV_BYTES_UNKNOWN_DEVICE
     if budget <= 0:
         raise ValueError(f"KV budget must be positive, got {budget}")
     if budget <= 1:

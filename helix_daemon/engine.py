@@ -34,7 +34,7 @@ class EngineConfig:
     draft: str = "none"  # none | ngram | hub id or folder of a draft model
     device: str = "auto"
     dtype: str = "auto"
-    kv_cache_memory: float = 0.3  # <= 1: fraction of free device memory; > 1: bytes
+    kv_cache_memory: float | None = None  # None: auto; <= 1: fraction of free memory; > 1: bytes
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools)
     block_size: int = 16
     max_num_seqs: int = 64
