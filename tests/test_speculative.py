@@ -167,3 +167,14 @@ def test_speculative_sampling_keeps_the_target_distribution(sampling: SamplingPa
     pooled = [[r] if sum(rest) else [] for r in rest]  # rare cells pooled, when there are any
     contingency = [[row[i] for i in keep] + extra for row, extra in zip(table, pooled)]
     assert stats.chi2_contingency(contingency).pvalue > 0.001
+
+
+def test_draft_with_another_vocabulary_is_refused_at_load() -> None:
+    """A draft model whose tokenizer differs from the target's cannot propose valid tokens:
+    loading it fails at once with an error that names the problem."""
+    from helix_daemon.model_drafter import DraftModelMismatch
+
+    _, target = pair()
+    other = str(build_tiny_model(tempfile.mkdtemp(), "llama", seed=3, vocab_size=600))
+    with pytest.raises(DraftModelMismatch, match="same tokenizer"):
+        make_engine(target, draft=other, num_kv_blocks=64)
