@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_utils import hf_greedy, make_engine, mixed_jobs, run_engine
+from scheduler.errors import InvalidRequestError
+from scheduler.params import RequestParams, SamplingParams
+from tests.engine_utils import greedy, hf_greedy, make_engine, mixed_jobs, run_engine
 from tests.tiny import tiny_model
 
 LLAMA = {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 64}
@@ -58,3 +60,30 @@ def test_kv_pool_is_sized_from_a_byte_budget(path: str) -> None:
     per_block = engine.target.kv_spec.bytes_per_block(engine.config.block_size)
     assert engine.allocator.num_blocks == budget // per_block
     assert budget - per_block < engine.kv_cache_bytes <= budget
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ("", greedy(4), "empty"),
+    ([1] * 1000, greedy(100), "context"),
+    ([1, 2], greedy(0), "max_tokens"),
+    ([1, 2], RequestParams(sampling=SamplingParams(temperature=-1.0)), "temperature"),
+    ([1, 2], RequestParams(sampling=SamplingParams(top_p=0.0)), "top_p"),
+    ([1, 99999], greedy(4), "token ids"),
+    ([1] * 200, greedy(200), "never fit"),
+])
+def test_bad_request_is_refused_and_the_engine_keeps_serving(
+        path: str, prompt: object, params: RequestParams, message: str) -> None:
+    """Through the real engine: each bad request raises a typed error naming its problem,
+    while a good request submitted beside it still runs to its exact HF output."""
+    engine = make_engine(path, num_kv_blocks=16)
+    good = mixed_jobs(n=1, seed=7, max_prompt=20, max_tokens=8)[0]
+    engine.add_request(good.request_id, good.prompt_ids, greedy(good.max_tokens))
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request("bad", prompt, params)
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == good.request_id
+            tokens += out.new_token_ids
+    assert tokens == hf_greedy(path, good.prompt_ids, good.max_tokens)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
