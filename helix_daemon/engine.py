@@ -22,7 +22,7 @@ from kvpool.kv_cache import num_blocks_for_budget
 from scheduler.detokenizer import IncrementalDetokenizer, StopMatcher
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
-from scheduler.rejection import rejection_sample
+from scheduler.rejection import accept_greedy, rejection_sample
 from scheduler.sampling import make_generator, sample, shape_probs
 from scheduler.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SeqUpdate, StepPlan
 from scheduler.speculation import AdaptiveDraftPolicy
@@ -236,20 +236,12 @@ class Engine:
 
     def _accept_greedy(self, sampling: list[ScheduledSeq],
                        logits: torch.Tensor) -> list[list[int]]:
-        """All-greedy steps: p is one-hot at the argmax, so rejection sampling reduces to keeping
-        drafts while they equal the argmax and then emitting the argmax (no uniforms needed)."""
+        """All-greedy steps: the argmax rule, exactly what rejection sampling does for them."""
         argmax = logits.argmax(dim=-1).tolist()  # ties: the lowest index, as in shape_probs
-        chosen, row = [], 0
-        for item in sampling:
-            drafts = item.draft_token_ids
-            targets = argmax[row: row + len(drafts) + 1]
-            kept = 0
-            while kept < len(drafts) and drafts[kept] == targets[kept]:
-                kept += 1
-            chosen.append(drafts[:kept] + [targets[kept]])
-            self._num_proposed += len(drafts)
-            self._num_accepted += kept
-            row += len(drafts) + 1
+        drafts = [item.draft_token_ids for item in sampling]
+        chosen = accept_greedy(argmax, drafts)
+        self._num_proposed += sum(len(d) for d in drafts)
+        self._num_accepted += sum(len(c) - 1 for c in chosen)
         return chosen
 
     def _accept_drafts(self, sampling: list[ScheduledSeq], probs: torch.Tensor,

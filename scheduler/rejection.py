@@ -115,3 +115,22 @@ def _final_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor | 
     # max(0, p - q) sums to 0 only when p == q, where rejection cannot happen: fall back to p
     usable = rejected & (residual.sum(dim=-1) > 0)
     return torch.where(usable[:, None], residual, p)
+
+
+def accept_greedy(argmax: Sequence[int], drafts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """``rejection_sample`` for rows whose p is one-hot at the argmax (greedy requests).
+
+    p(x)/q(x) is then >= 1 for the argmax and 0 for any other token, and the residual after a
+    rejection is the argmax again, so each row keeps its drafts while they equal the argmax and
+    then emits the argmax: no probabilities and no uniforms are needed. ``argmax`` holds, row
+    after row, ``len(drafts[b]) + 1`` target argmaxes for row b (draft positions, then bonus).
+    """
+    out, start = [], 0
+    for row in drafts:
+        targets = argmax[start: start + len(row) + 1]
+        kept = 0
+        while kept < len(row) and row[kept] == targets[kept]:
+            kept += 1
+        out.append([*row[:kept], targets[kept]])
+        start += len(row) + 1
+    return out

@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from scheduler.params import SamplingParams
-from scheduler.rejection import accept_with_uniforms, rejection_sample
+from scheduler.rejection import accept_greedy, accept_with_uniforms, rejection_sample
 from scheduler.sampling import make_generator, sample, shape_probs
 
 V = 6
@@ -176,7 +176,8 @@ def _greedy_probs(logits: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("with_q", [False, True])
 def test_greedy_rows_accept_exactly_while_draft_is_argmax(with_q: bool) -> None:
     """With one-hot p, drafts are kept exactly while they equal the argmax; the first mismatch
-    is replaced by the argmax; a fully accepted row gets the argmax bonus; ragged rows pad -1."""
+    is replaced by the argmax; a fully accepted row gets the argmax bonus; ragged rows pad -1.
+    ``accept_greedy`` (the engine's all-greedy shortcut) returns exactly the same rows."""
     gen = torch.Generator().manual_seed(6)
     batch, k = 64, 4
     logits = torch.randn(batch, k + 1, V, generator=gen, dtype=F64)
@@ -198,6 +199,11 @@ def test_greedy_rows_accept_exactly_while_draft_is_argmax(with_q: bool) -> None:
         assert tokens[b, :run].tolist() == drafts[b, :run].tolist()
         assert int(tokens[b, run]) == int(argmax[b, run])
         assert (tokens[b, run + 1:] == -1).all()
+    # the engine's shortcut for all-greedy steps gives the very same rows
+    lengths = num_drafts.tolist()
+    fast = accept_greedy([t for b in range(batch) for t in argmax[b, :lengths[b] + 1].tolist()],
+                         [drafts[b, :lengths[b]].tolist() for b in range(batch)])
+    assert fast == [tokens[b, :int(accepted[b]) + 1].tolist() for b in range(batch)]
 
 
 def test_seeded_rows_do_not_depend_on_the_batch() -> None:
