@@ -39,9 +39,10 @@ lint: venv  ## ruff check
 demo: venv redis  ## run `helix demo` against $REDIS_URL (DEMO_ARGS="..." passes options)
 	@$(WITH_VENV) $(BIN)/helix demo --redis-url "$(REDIS_URL)" $(DEMO_ARGS)
 
-bench: venv redis  ## quick throughput benchmark (results in bench/results/)
-	@if [ ! -f bench/throughput.py ]; then echo "make bench: bench/throughput.py is not written yet"; exit 1; fi
+bench: venv redis  ## quick runs of the three benchmarks (full runs: see bench/README.md)
 	@$(WITH_VENV) $(BIN)/python bench/throughput.py --quick
+	@$(WITH_VENV) $(BIN)/python bench/speculative.py --quick
+	@$(WITH_VENV) $(BIN)/python bench/serve.py --quick --redis-url "$(REDIS_URL)"
 
 clean:  ## remove caches and build leftovers (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

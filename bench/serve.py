@@ -400,12 +400,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per path and rate; medians are reported (default 3, quick 2)")
     parser.add_argument("--quick", action="store_true", help="small run (CI / laptops)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/serve.json, serve-quick.json)")
     args = parser.parse_args(argv)
     default_rates = "inf,20" if args.quick else "inf,10,25,50"
     args.rates = [float(r) for r in (args.rates or default_rates).split(",")]
     args.num_requests = args.num_requests or (24 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 3)
+    # a quick smoke run must not overwrite the figures of a full run
+    args.out = args.out or ROOT / "bench" / "results" / (
+        "serve-quick.json" if args.quick else "serve.json")
     return args
 
 
