@@ -8,29 +8,15 @@ was cancelled, or lost its request to another attempt (drop it, never ack).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from helix_daemon.attempt import Attempt
-from helix_daemon.config import DaemonConfig
-from helix_daemon.engine_worker import EngineWorker
-from helix_daemon.metrics import DaemonMetrics
+from helix_daemon.daemon_state import DaemonState
 from helix_daemon.retry import REDIS_ERRORS, backoff, now_ms
-from helix_daemon.store import Append, Store, entry_ms
+from helix_daemon.store import Append, entry_ms
 
 
-class StreamWriterMixin:
+class StreamWriterMixin(DaemonState):
     """Flush loop, write outcomes, retiring attempts and acking their entries."""
-
-    config: DaemonConfig
-    store: Store
-    log: Any
-    metrics: DaemonMetrics
-    active: dict[str, Attempt]
-    _by_engine_id: dict[str, Attempt]
-    _acks: list[str]
-    _flush_needed: asyncio.Event
-    _closing: bool
-    _worker: EngineWorker | None
 
     async def _flush_loop(self) -> None:
         failures = 0

@@ -16,26 +16,13 @@ import redis.asyncio as aioredis
 
 from helix_daemon import protocol as p
 from helix_daemon.attempt import Attempt
-from helix_daemon.config import DaemonConfig
-from helix_daemon.engine_worker import EngineWorker
-from helix_daemon.metrics import DaemonMetrics
+from helix_daemon.daemon_state import DaemonState
 from helix_daemon.retry import REDIS_ERRORS, backoff, now_ms
-from helix_daemon.store import Store
 
 
-class UpkeepMixin:
+class UpkeepMixin(DaemonState):
     """Lease renewal, heartbeat, cancellation and deadline sweeps of one daemon."""
 
-    config: DaemonConfig
-    store: Store
-    log: Any
-    metrics: DaemonMetrics
-    active: dict[str, Attempt]
-    _by_engine_id: dict[str, Attempt]
-    _acks: list[str]
-    _flush_needed: asyncio.Event
-    _closing: bool
-    _worker: EngineWorker | None
     engine: Any
     client: aioredis.Redis
     _stall_s: float

@@ -35,14 +35,25 @@ def redis_url() -> str:
     return SHARED_REDIS_URL
 
 
-@pytest.fixture
-def key_prefix(redis_url: str) -> Iterator[str]:
-    """A unique key prefix on the shared Redis, cleaned up after the test."""
-    prefix = f"helixtest-{uuid.uuid4().hex[:12]}"
+def _unique_prefix(tag: str = "") -> Iterator[str]:
+    """A unique key prefix on the shared Redis; its keys are deleted afterwards."""
+    prefix = f"helixtest-{tag}{uuid.uuid4().hex[:12]}"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
     delete_prefix(client, prefix)
     client.close()
+
+
+@pytest.fixture
+def key_prefix() -> Iterator[str]:
+    """A unique key prefix for one test."""
+    yield from _unique_prefix()
+
+
+@pytest.fixture(scope="module")
+def module_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A unique key prefix shared by one test module (e.g. with a module-scoped daemon)."""
+    yield from _unique_prefix(request.module.__name__.rsplit(".", 1)[-1] + "-")
 
 
 @pytest.fixture

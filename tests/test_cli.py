@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,18 +21,14 @@ from helix_daemon.cli import (
 )
 from helix_daemon.client import HelixClient
 from helix_daemon.protocol import meta_key, out_key
-from tests.conftest import SHARED_REDIS_URL, delete_prefix
+from tests.conftest import SHARED_REDIS_URL
 from tests.live_daemon import LiveDaemon, start_live_daemon
 from tests.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def prefix() -> Iterator[str]:
-    value = f"helixtest-cli-{uuid.uuid4().hex[:10]}"
-    yield value
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-    delete_prefix(client, value)
-    client.close()
+def prefix(module_prefix: str) -> str:
+    return module_prefix
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 import redis
@@ -189,14 +188,8 @@ async def test_async_client_round_trip(aclient: AsyncHelixClient, async_redis,
 
 
 @pytest.fixture(scope="module")
-def live_prefix():
-    from tests.conftest import SHARED_REDIS_URL, delete_prefix
-
-    value = f"helixtest-client-{uuid.uuid4().hex[:10]}"
-    yield value
-    r = redis.Redis.from_url(SHARED_REDIS_URL)
-    delete_prefix(r, value)
-    r.close()
+def live_prefix(module_prefix: str) -> str:
+    return module_prefix
 
 
 @pytest.fixture(scope="module")

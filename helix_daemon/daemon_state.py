@@ -1,0 +1,29 @@
+"""The state a ``Daemon`` shares with its mixins, declared once for type checkers and readers.
+
+``Daemon`` sets every attribute in its ``__init__``; ``StreamWriterMixin`` and ``UpkeepMixin``
+inherit these declarations instead of repeating them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from helix_daemon.attempt import Attempt
+from helix_daemon.config import DaemonConfig
+from helix_daemon.engine_worker import EngineWorker
+from helix_daemon.metrics import DaemonMetrics
+from helix_daemon.store import Store
+
+
+class DaemonState:
+    config: DaemonConfig
+    store: Store
+    log: Any
+    metrics: DaemonMetrics
+    active: dict[str, Attempt]  # request id -> the attempt this daemon runs
+    _by_engine_id: dict[str, Attempt]
+    _acks: list[str]  # entry ids whose terminal event is durable, to XACK
+    _flush_needed: asyncio.Event
+    _closing: bool
+    _worker: EngineWorker | None
