@@ -42,6 +42,7 @@ from helix_daemon.protocol import (
     queue_key,
     to_request_params,
 )
+from helix_daemon.redis_conn import async_redis
 from scheduler.errors import InvalidRequestError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -272,7 +273,7 @@ class AsyncHelixClient:
         is sized for many concurrent streams (redis-py's default of 100 is easy to exceed).
         """
         redis_kwargs.setdefault("max_connections", MAX_CONNECTIONS)
-        return cls(aioredis.Redis.from_url(url, **redis_kwargs), prefix=prefix, queue=queue)
+        return cls(async_redis(url, **redis_kwargs), prefix=prefix, queue=queue)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -288,24 +289,30 @@ class AsyncHelixClient:
                      **params: Any) -> str:
         """Validate and enqueue a request; returns its id.
 
-        Idempotent on ``request_id``: the meta hash is reserved first (HSETNX in a script), and
-        a request whose meta already records an entry is not enqueued again. Three round trips:
-        reserve, XADD, record the entry id.
+        Without ``request_id`` a random id is made and the request enqueued in one round trip.
+        With one, submit is idempotent on it: the meta hash is reserved first (HSETNX in a
+        script), and a request whose meta already records an entry is not enqueued again (three
+        round trips: reserve, XADD, record the entry id).
         """
         body = build_request(prompt, **params)
-        rid = request_id or uuid.uuid4().hex
-        check_request_id(rid)
         queue = queue or self.queue
-        meta = meta_key(rid, self.prefix)
+        if request_id is None:  # a fresh random id: nothing to reserve, one round trip
+            rid = uuid.uuid4().hex
+            async with self.redis.pipeline(transaction=False) as pipe:
+                _enqueue_fresh(pipe, rid, body, queue, self.prefix)
+                await pipe.execute()
+            return rid
+        check_request_id(request_id)
+        meta = meta_key(request_id, self.prefix)
         if await self._reserve(keys=[meta], args=[QUEUED_TTL_S]):
-            return rid  # already enqueued by an earlier (retried) submit
-        fields = encode_request_fields(body, rid)
+            return request_id  # already enqueued by an earlier (retried) submit
+        fields = encode_request_fields(body, request_id)
         new_entry = await self.redis.xadd(queue_key(queue, self.prefix), fields)
         async with self.redis.pipeline(transaction=True) as pipe:
             for name, value in _meta_fields(queue, new_entry):
                 pipe.hsetnx(meta, name, value)
             await pipe.execute()
-        return rid
+        return request_id
 
     async def stream(self, request_id: str, from_seq: int = 0, *, block_ms: int = DEFAULT_BLOCK_MS,
                      timeout_s: float | None = None) -> AsyncIterator[Event]:
@@ -400,19 +407,24 @@ class HelixClient:
                request_id: str | None = None, queue: str | None = None, **params: Any) -> str:
         """See ``AsyncHelixClient.submit``."""
         body = build_request(prompt, **params)
-        rid = request_id or uuid.uuid4().hex
-        check_request_id(rid)
         queue = queue or self.queue
-        meta = meta_key(rid, self.prefix)
-        if self._reserve(keys=[meta], args=[QUEUED_TTL_S]):
+        if request_id is None:
+            rid = uuid.uuid4().hex
+            pipe = self.redis.pipeline(transaction=False)
+            _enqueue_fresh(pipe, rid, body, queue, self.prefix)
+            pipe.execute()
             return rid
+        check_request_id(request_id)
+        meta = meta_key(request_id, self.prefix)
+        if self._reserve(keys=[meta], args=[QUEUED_TTL_S]):
+            return request_id
         new_entry = self.redis.xadd(queue_key(queue, self.prefix),
-                                    encode_request_fields(body, rid))
+                                    encode_request_fields(body, request_id))
         pipe = self.redis.pipeline(transaction=True)
         for name, value in _meta_fields(queue, new_entry):
             pipe.hsetnx(meta, name, value)
         pipe.execute()
-        return rid
+        return request_id
 
     def stream(self, request_id: str, from_seq: int = 0, *, block_ms: int = DEFAULT_BLOCK_MS,
                timeout_s: float | None = None) -> Iterator[Event]:
@@ -464,6 +476,21 @@ class HelixClient:
 
 
 # --- shared small pieces ------------------------------------------------------------------------
+
+
+def _enqueue_fresh(pipe: Any, request_id: str, body: RequestBody, queue: str,
+                   prefix: str) -> None:
+    """Queue the commands that enqueue a request under a new random id (one round trip).
+
+    Nobody else can hold a fresh uuid4, so the reservation of a client-chosen id is not needed.
+    The meta hash is written before the entry (one connection keeps the order), so no daemon
+    can claim the entry before it exists; the claim script records the entry id itself.
+    """
+    meta = meta_key(request_id, prefix)
+    for name, value in (("state", "queued"), ("queue", queue), ("created_ms", str(_now_ms()))):
+        pipe.hsetnx(meta, name, value)
+    pipe.expire(meta, QUEUED_TTL_S)
+    pipe.xadd(queue_key(queue, prefix), encode_request_fields(body, request_id))
 
 
 def _meta_fields(queue: str, entry_id: bytes | str) -> list[tuple[str, str]]:

@@ -32,8 +32,9 @@ from helix_daemon.attempt import Attempt
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
 from helix_daemon.metrics import DaemonMetrics
+from helix_daemon.redis_conn import async_redis
 from helix_daemon.retry import REDIS_ERRORS, backoff, jittered, now_ms
-from helix_daemon.store import Store, entry_ms
+from helix_daemon.store import Claim, ClaimRequest, Entry, Store, entry_ms
 from helix_daemon.stream_writer import StreamWriterMixin
 from helix_daemon.upkeep import UpkeepMixin
 from scheduler.errors import InvalidRequestError
@@ -41,6 +42,7 @@ from scheduler.errors import InvalidRequestError
 log = structlog.get_logger("helix.daemon")
 
 _READ_BLOCK_MS = 500
+_FULL_RECHECK_S = 0.1  # a full daemon looks again at least this often
 
 
 class Daemon(StreamWriterMixin, UpkeepMixin):
@@ -59,6 +61,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._by_engine_id: dict[str, Attempt] = {}
         self._acks: list[str] = []
         self._flush_needed = asyncio.Event()
+        self._slots_freed = asyncio.Event()
         self._stop = asyncio.Event()
         # Set before background tasks are cancelled: a loop whose cancellation got turned into
         # a timeout inside a client library still ends.
@@ -157,8 +160,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
     async def _recover_own_entries(self) -> None:
         """After a restart under the same name, our unacked entries come back at once."""
         entries = await self._until_ok(self.store.read_own_pending) or []
-        for entry_id, fields in entries:
-            await self._admit_safely(entry_id, fields)
+        await self._admit_safely(entries)
         if entries:
             self.log.info("recovered own pending entries", count=len(entries))
 
@@ -167,7 +169,11 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         while self._pulling:
             free = self.free_slots()
             if free <= 0:
-                await asyncio.sleep(0.02)
+                # Woken when an ack, a drop or a step may have freed a slot: polling on a timer
+                # would leave a finished request's slot empty for the rest of the period.
+                self._slots_freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._slots_freed.wait(), _FULL_RECHECK_S)
                 continue
             try:
                 entries = await self.store.read_new(free, _READ_BLOCK_MS)
@@ -177,8 +183,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
                 await asyncio.sleep(backoff(failures))
                 failures += 1
                 continue
-            for entry_id, fields in entries:
-                await self._admit_safely(entry_id, fields)
+            await self._admit_safely(entries)
 
     async def _reclaim_loop(self) -> None:
         while self._pulling:
@@ -195,39 +200,46 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             except REDIS_ERRORS as e:
                 self.log.warning("reclaim failed", error=repr(e))
                 continue
-            for entry_id, fields in claimed:
-                if not self._runs_entry(entry_id):
-                    await self._admit_safely(entry_id, fields, takeover=True)
+            await self._admit_safely([(entry_id, fields) for entry_id, fields in claimed
+                                      if not self._runs_entry(entry_id)], takeover=True)
 
     def _runs_entry(self, entry_id: str) -> bool:
         return any(a.entry_id == entry_id for a in self.active.values())
 
-    async def _admit_safely(self, entry_id: str, fields: dict[bytes, bytes],
-                            takeover: bool = False) -> None:
-        # A Redis failure here leaves the entry pending and not renewed: its lease lapses and it
-        # is claimed again later (by anyone), so dropping it locally loses nothing.
+    async def _admit_safely(self, entries: list[Entry], takeover: bool = False) -> None:
+        # A Redis failure here leaves the entries pending and not renewed: their leases lapse
+        # and they are claimed again later (by anyone), so dropping them locally loses nothing.
+        if not entries:
+            return
         try:
-            await self._admit(entry_id, fields, takeover)
+            await self._admit(entries, takeover)
         except REDIS_ERRORS as e:
-            self.log.warning("admission failed, entry left to its lease", entry_id=entry_id,
-                             error=repr(e))
-            for attempt in [a for a in self.active.values() if a.entry_id == entry_id]:
+            self.log.warning("admission failed, entries left to their lease",
+                             entry_ids=[entry_id for entry_id, _ in entries], error=repr(e))
+            ids = {entry_id for entry_id, _ in entries}
+            for attempt in [a for a in self.active.values() if a.entry_id in ids]:
                 self._retire(attempt, ack=False)
 
-    async def _admit(self, entry_id: str, fields: dict[bytes, bytes], takeover: bool) -> None:
-        try:
-            request = p.decode_request(fields, entry_id)
-        except p.BadEntryError as e:
-            await self._reject_entry(entry_id, fields, e)
-            return
-        ttl_s = request.body.result_ttl_s or self.config.result_ttl_s
-        attempt = await self._claim(request.request_id, entry_id, fields, ttl_s * 1000)
-        if attempt is None:
-            return
-        if takeover:
-            self.log.info("took over request", request_id=attempt.request_id,
-                          epoch=attempt.epoch, resume_from=attempt.next_off)
-        await self._start(attempt, request)
+    async def _admit(self, entries: list[Entry], takeover: bool) -> None:
+        """Decode a batch of entries, claim the valid ones in one round trip, start them."""
+        wanted: list[tuple[ClaimRequest, dict[bytes, bytes], p.Request]] = []
+        for entry_id, fields in entries:
+            try:
+                request = p.decode_request(fields, entry_id)
+            except p.BadEntryError as e:
+                await self._reject_entry(entry_id, fields, e)
+                continue
+            ttl_s = request.body.result_ttl_s or self.config.result_ttl_s
+            wanted.append((ClaimRequest(request.request_id, entry_id, entry_ms(entry_id),
+                                        ttl_s * 1000), fields, request))
+        attempts = await self._claim_many([(claim, fields) for claim, fields, _ in wanted])
+        for (_, _, request), attempt in zip(wanted, attempts):
+            if attempt is None:
+                continue
+            if takeover:
+                self.log.info("took over request", request_id=attempt.request_id,
+                              epoch=attempt.epoch, resume_from=attempt.next_off)
+            await self._start(attempt, request)
 
     async def _reject_entry(self, entry_id: str, fields: dict[bytes, bytes],
                             error: p.BadEntryError) -> None:
@@ -239,19 +251,25 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         if error.request_id is None:
             self._queue_ack(entry_id)
             return
-        attempt = await self._claim(error.request_id, entry_id, fields,
-                                    self.config.result_ttl_s * 1000)
+        claim = ClaimRequest(error.request_id, entry_id, entry_ms(entry_id),
+                             self.config.result_ttl_s * 1000)
+        [attempt] = await self._claim_many([(claim, fields)])
         if attempt is not None:
             attempt.fail(error.code, str(error))
             self._flush_needed.set()
 
-    async def _claim(self, request_id: str, entry_id: str, fields: dict[bytes, bytes],
-                     result_ttl_ms: int) -> Attempt | None:
+    async def _claim_many(self, wanted: list[tuple[ClaimRequest, dict[bytes, bytes]]]
+                          ) -> list[Attempt | None]:
+        """Claim each request; an ``Attempt`` for those this daemon now runs, else None."""
         now = now_ms()
-        claim = await self.store.claim(request_id, entry_id, now_ms=now,
-                                       created_ms=entry_ms(entry_id),
-                                       max_attempts=self.config.max_attempts,
-                                       result_ttl_ms=result_ttl_ms)
+        claims = await self.store.claim_many([claim for claim, _ in wanted], now_ms=now,
+                                             max_attempts=self.config.max_attempts)
+        return [await self._settle_claim(request, fields, claim, now)
+                for (request, fields), claim in zip(wanted, claims)]
+
+    async def _settle_claim(self, request: ClaimRequest, fields: dict[bytes, bytes],
+                            claim: Claim, now: int) -> Attempt | None:
+        request_id, entry_id = request.request_id, request.entry_id
         if claim.status != "ok":
             self.log.info("request settled at claim", request_id=request_id, status=claim.status)
             if claim.status == "poison":
@@ -264,7 +282,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         if old is not None:  # our own earlier attempt lost its lease and is now fenced
             self._retire(old, ack=False)
         attempt = Attempt(request_id, entry_id, self.config.daemon_id, claim.epoch,
-                          claim.attempts, claim.next_seq, claim.next_off, result_ttl_ms,
+                          claim.attempts, claim.next_seq, claim.next_off, request.result_ttl_ms,
                           queue_wait_s=max(0.0, (now - entry_ms(entry_id)) / 1000))
         self.active[request_id] = attempt
         self._by_engine_id[attempt.engine_id] = attempt
@@ -320,6 +338,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
                 self._apply_output(attempt, output, now)
         self._observe_stats(result.stats)
         self._flush_needed.set()
+        self._slots_freed.set()  # KV use changed
 
     def _apply_output(self, attempt: Attempt, output: Any, now: float) -> None:
         ids = list(output.new_token_ids)
@@ -390,8 +409,8 @@ def build_engine(config: DaemonConfig) -> Any:
 def redis_client(url: str) -> aioredis.Redis:
     # The socket timeout must exceed the XREADGROUP block time; short connect timeouts make a
     # restarted Redis come back quickly.
-    return aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0,
-                                   health_check_interval=10)
+    return async_redis(url, socket_timeout=5.0, socket_connect_timeout=2.0,
+                       health_check_interval=10)
 
 
 async def run_daemon(config: DaemonConfig, engine: Any = None) -> int:

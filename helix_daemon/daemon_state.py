@@ -25,5 +25,6 @@ class DaemonState:
     _by_engine_id: dict[str, Attempt]
     _acks: list[str]  # entry ids whose terminal event is durable, to XACK
     _flush_needed: asyncio.Event
+    _slots_freed: asyncio.Event  # set whenever free_slots() may have grown
     _closing: bool
     _worker: EngineWorker | None

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from helix_daemon import protocol as p
 
@@ -115,6 +116,19 @@ class Claim:
     next_seq: int
     next_off: int
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One entry to claim: its request, entry id and enqueue time, and the result TTL."""
+
+    request_id: str
+    entry_id: str
+    created_ms: int
+    result_ttl_ms: int
+
+
+_Call = tuple[list[str], list[Any]]  # the keys and args of one script call
 
 
 @dataclass(slots=True)
@@ -240,24 +254,53 @@ class Store:
     async def claim(self, request_id: str, entry_id: str, *, now_ms: int, created_ms: int,
                     max_attempts: int, result_ttl_ms: int) -> Claim:
         """Own ``request_id`` for a new attempt (see the module docstring)."""
-        args = [self.daemon_id, entry_id, self.queue, now_ms, RUNNING_TTL_MS, max_attempts,
-                result_ttl_ms, created_ms]
-        status, epoch, seq, off, attempts = await self._claim(keys=self._keys(request_id),
-                                                              args=args)
-        return Claim(_s(status), int(epoch), int(seq), int(off), int(attempts))
+        [claim] = await self.claim_many([ClaimRequest(request_id, entry_id, created_ms,
+                                                      result_ttl_ms)], now_ms=now_ms,
+                                        max_attempts=max_attempts)
+        return claim
+
+    async def claim_many(self, requests: Sequence[ClaimRequest], *, now_ms: int,
+                         max_attempts: int) -> list[Claim]:
+        """``claim`` for a batch of entries in one round trip, in order."""
+        calls = [(self._keys(r.request_id),
+                  [self.daemon_id, r.entry_id, self.queue, now_ms, RUNNING_TTL_MS, max_attempts,
+                   r.result_ttl_ms, r.created_ms]) for r in requests]
+        claims = []
+        for reply in await self._evalsha_many(self._claim, calls):
+            if isinstance(reply, Exception):
+                raise reply
+            status, epoch, seq, off, attempts = reply
+            claims.append(Claim(_s(status), int(epoch), int(seq), int(off), int(attempts)))
+        return claims
 
     async def append_many(self, ops: Sequence[Append], now_ms: int) -> list[str]:
         """Send every write in one pipeline, in order; one status per op."""
-        if not ops:
+        for op in ops:
+            op.attempted = True
+        calls = [(self._keys(op.request_id), _append_args(op, now_ms)) for op in ops]
+        return [_reply(r) for r in await self._evalsha_many(self._append, calls)]
+
+    async def _evalsha_many(self, script: Any, calls: Sequence[_Call]) -> list[Any]:
+        """Run ``script`` once per (keys, args) in one pipeline; one reply or error each."""
+        replies = await self._send_evalsha(script.sha, calls)
+        if replies and isinstance(replies[-1], NoScriptError):
+            # Redis lost its scripts (a restart or SCRIPT FLUSH): nothing from the first
+            # NOSCRIPT on ran, so load the script and send those calls again, in order.
+            first = next(i for i, r in enumerate(replies) if isinstance(r, NoScriptError))
+            await self.redis.script_load(script.script)
+            replies[first:] = await self._send_evalsha(script.sha, calls[first:])
+        return replies
+
+    async def _send_evalsha(self, sha: str, calls: Sequence[_Call]) -> list[Any]:
+        # Plain EVALSHA: a pipeline of registered Script objects would first send SCRIPT EXISTS,
+        # a whole extra round trip every time.
+        if not calls:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for op in ops:
-                op.attempted = True
-                await self._append(keys=self._keys(op.request_id),
-                                   args=_append_args(op, now_ms), client=pipe)
-            # One bad write must not block the others: script errors come back per op.
-            replies = await pipe.execute(raise_on_error=False)
-        return [_reply(r) for r in replies]
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            # One bad call must not block the others: script errors come back per call.
+            return list(await pipe.execute(raise_on_error=False))
 
     async def committed_token_ids(self, request_id: str) -> list[int]:
         """Token ids already streamed for a request, in order (what a takeover must keep)."""

@@ -44,6 +44,7 @@ class StreamWriterMixin(DaemonState):
             acks = self._acks[:]
             await self.store.ack(acks)
             del self._acks[:len(acks)]
+            self._slots_freed.set()
 
     def _settle(self, attempt: Attempt, op: Append, reply: str) -> None:
         """Act on one write's answer from the ``append`` script."""
@@ -67,6 +68,7 @@ class StreamWriterMixin(DaemonState):
         """Forget an attempt; free its engine sequence; ack its entry once its end is durable."""
         if self.active.get(attempt.request_id) is attempt:
             del self.active[attempt.request_id]
+            self._slots_freed.set()
         self._by_engine_id.pop(attempt.engine_id, None)
         if attempt.in_engine and self._worker is not None:
             self._worker.abort(attempt.engine_id)

@@ -55,19 +55,27 @@ async def aclient(redis_url: str, key_prefix: str):
 
 def test_submit_writes_a_valid_entry_and_queued_meta(client: HelixClient, sync_redis,
                                                      key_prefix: str) -> None:
-    """submit() XADDs an entry the daemon's decoder accepts and records state/entry/TTL in meta."""
-    rid = client.submit("Hello", max_tokens=8, temperature=0, stop=["\n"])
+    """submit() XADDs an entry the daemon's decoder accepts and records state/queue/TTL in meta.
+
+    A generated id goes in one round trip, so its meta has no entry id until a daemon claims
+    the entry; a client-chosen id is reserved first and its entry id recorded.
+    """
+    generated = client.submit("Hello", max_tokens=8, temperature=0, stop=["\n"])
+    chosen = client.submit("Hello", request_id="mine", max_tokens=8)
     entries = sync_redis.xrange(queue_key("default", key_prefix))
-    assert len(entries) == 1
-    entry_id, fields = entries[0]
-    request = decode_request(fields, entry_id.decode())
-    assert request.request_id == rid
-    assert request.body.prompt == "Hello" and request.body.max_tokens == 8
-    assert request.body.temperature == 0.0 and request.body.stop == ["\n"]
-    meta = client.meta(rid)
-    assert meta["state"] == "queued" and meta["entry_id"] == entry_id.decode()
-    assert meta["queue"] == "default" and int(meta["created_ms"]) > 0
-    assert 0 < sync_redis.ttl(meta_key(rid, key_prefix)) <= 86_400
+    assert len(entries) == 2
+    requests = [decode_request(fields, entry_id.decode()) for entry_id, fields in entries]
+    assert [r.request_id for r in requests] == [generated, chosen]
+    body = requests[0].body
+    assert body.prompt == "Hello" and body.max_tokens == 8
+    assert body.temperature == 0.0 and body.stop == ["\n"]
+    for rid in (generated, chosen):
+        meta = client.meta(rid)
+        assert meta["state"] == "queued" and meta["queue"] == "default"
+        assert int(meta["created_ms"]) > 0
+        assert 0 < sync_redis.ttl(meta_key(rid, key_prefix)) <= 86_400
+    assert "entry_id" not in client.meta(generated)
+    assert client.meta(chosen)["entry_id"] == entries[1][0].decode()
 
 
 def test_submit_is_idempotent_on_request_id(client: HelixClient, sync_redis,

@@ -236,7 +236,8 @@ def test_sigterm_hands_unfinished_jobs_back_at_once(spawn, sync_redis, key_prefi
     wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "h0") for r in ids), 60,
                "h0 streaming")
     staying = spawn("h1", lease_ms=60_000)
-    time.sleep(1.5)
+    # SIGTERM as soon as h1 is up (its heartbeat), while h0 is still far from done.
+    wait_until(lambda: sync_redis.exists(p.daemon_key("h1", key_prefix)), 30, "h1 up")
     leaving.signal(signal.SIGTERM)
     assert leaving.wait(30) == 0
     wait_all_finished(sync_redis, key_prefix, ids, 45)

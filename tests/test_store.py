@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from helix_daemon import protocol as p
-from helix_daemon.store import Append, Claim, Store
+from helix_daemon.store import Append, Claim, ClaimRequest, Store
 
 TTL_MS = 60_000
 
@@ -171,3 +171,27 @@ async def test_pipeline_of_many_requests(async_redis, key_prefix, n: int) -> Non
     claims = [await claim(store, f"r{i}", entry_id=f"{i + 1}-0") for i in range(n)]
     ops = [token(store, f"r{i}", c, 0, 0, [i]) for i, c in enumerate(claims)]
     assert await store.append_many(ops, 0) == ["ok"] * n
+
+
+async def test_batched_scripts_reload_after_redis_forgets_them(private_redis) -> None:
+    """claim_many and append_many send bare EVALSHA; after SCRIPT FLUSH (as after a restart)
+    they load the script and rerun exactly the calls that did not run: one claim per request,
+    every event once, in order."""
+    server = private_redis()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        store = make_store(client, "pfx", "d1")
+        await client.script_flush()
+        claims = await store.claim_many(
+            [ClaimRequest(f"r{i}", f"{i + 1}-0", 1, TTL_MS) for i in range(3)],
+            now_ms=1, max_attempts=3)
+        assert [(c.status, c.epoch) for c in claims] == [("ok", 1)] * 3
+        await client.script_flush()
+        ops = [token(store, f"r{i}", claims[i], seq, seq, [seq]) for i in range(3)
+               for seq in range(2)]
+        assert await store.append_many(ops, now_ms=2) == ["ok"] * 6
+        for i in range(3):
+            events = await read_events(client, "pfx", f"r{i}")
+            assert [e.ids for e in events] == [[0], [1]]
+    finally:
+        await client.aclose()
