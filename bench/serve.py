@@ -398,6 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="arrival rates in requests/s, comma-separated; inf = all at once")
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch kernel threads for both paths (the daemon's --torch-threads);"
+                             " default 1 with the built-in tiny model, else torch's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per path and rate; medians are reported (default 3, quick 2)")
@@ -407,6 +410,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     default_rates = "inf,20" if args.quick else "inf,10,25,50"
     args.rates = [float(r) for r in (args.rates or default_rates).split(",")]
+    if args.torch_threads is None and args.model is None:
+        # A 2-layer, 128-wide model is Python-bound: a second kernel thread only adds OpenMP
+        # overhead (in-process burst: 6884 tok/s on 1 thread, 5370 on 2) and takes the core
+        # that the event loop, Redis and the client need.
+        args.torch_threads = 1
     args.num_requests = args.num_requests or (24 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 3)
     # a quick smoke run must not overwrite the figures of a full run
@@ -424,9 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     url, close = resolve_redis_url(args.redis_url)
     try:
         with tempfile.TemporaryDirectory(prefix="helix-bench-") as tmp:
+            if args.torch_threads is not None:
+                import torch
+
+                torch.set_num_threads(args.torch_threads)
             engine = load_engine(args.model, args.draft, args.max_num_seqs, Path(tmp))
             print(f"Redis {url}; {args.num_requests} requests per run, median of {args.repeats}"
-                  f" runs\n{_HEADER}", flush=True)
+                  f" runs; torch threads: {_threads()}\n{_HEADER}", flush=True)
             rows = asyncio.run(bench(args, engine, url))
             capacity = asyncio.run(write_capacity(url))
             print(f"write path alone: {capacity['token_events_per_s']:.0f} token events/s "
@@ -435,12 +447,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close()
     report = {"config": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"python": platform.python_version(), "platform": platform.platform()},
+              "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                          "cpus": os.cpu_count(), "torch_threads": _threads()},
               "runs": rows, "write_capacity": capacity}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=_json_default))
     print(f"wrote {args.out}")
     return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _json_default(value: Any) -> Any:

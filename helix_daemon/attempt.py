@@ -39,12 +39,12 @@ class Attempt:
     num_output_tokens: int = 0  # whole output so far, resumed prefix included
     num_draft_proposed: int = 0
     num_draft_accepted: int = 0
+    engine_id: str = ""  # the engine's name for this attempt's sequence
 
-    @property
-    def engine_id(self) -> str:
+    def __post_init__(self) -> None:
         # One engine id per attempt: a late output of an earlier attempt can never be mistaken
-        # for this one's.
-        return f"{self.request_id}@{self.epoch}"
+        # for this one's. (A head start names its sequence after its entry id instead.)
+        self.engine_id = self.engine_id or f"{self.request_id}@{self.epoch}"
 
     def add_tokens(self, ids: Sequence[int], text: str) -> None:
         """Queue tokens (merged into the last unsent token write when there is one)."""

@@ -104,6 +104,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="most tokens in a step (default 1024)")
     p.add_argument("--num-speculative-tokens", type=int,
                    help="most draft tokens per sequence and step (default 4)")
+    p.add_argument("--torch-threads", type=int,
+                   help="CPU threads for torch's kernels (default: torch's, one per core)")
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
@@ -185,6 +187,7 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> Any:
         "daemon_id": args.daemon_id, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_speculative_tokens": args.num_speculative_tokens,
+        "torch_threads": args.torch_threads,
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),

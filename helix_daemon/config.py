@@ -39,6 +39,7 @@ class DaemonConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # tokens per step: bounds a prefill chunk's stall
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step (adaptive below)
+    torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
     metrics_port: int = 0  # 0 = no HTTP metrics endpoint
     result_ttl_s: int = 3600
     lease_ms: int = 30_000  # an entry idle this long is taken over by another daemon
@@ -63,6 +64,8 @@ class DaemonConfig:
                 raise ValueError(f"{name}: {e}") from None
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch_threads must be >= 1")
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
                   "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:

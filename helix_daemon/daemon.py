@@ -31,6 +31,7 @@ from helix_daemon import protocol as p
 from helix_daemon.attempt import Attempt
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
+from helix_daemon.head_start import HeadStarts
 from helix_daemon.metrics import DaemonMetrics
 from helix_daemon.redis_conn import async_redis
 from helix_daemon.retry import REDIS_ERRORS, backoff, jittered, now_ms
@@ -69,6 +70,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._pulling = True  # intake and reclaim run until a stop is requested
         self._fatal: BaseException | None = None
         self._worker: EngineWorker | None = None
+        self._head_starts: HeadStarts  # created with the worker, in _launch
         self._started_ms = now_ms()
         self._tokens_window = 0
         self._window_start = time.monotonic()
@@ -91,6 +93,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
 
     async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
         self._worker = EngineWorker(self.engine, asyncio.get_running_loop(), self._on_step)
+        self._head_starts = HeadStarts(self._worker.add, self._worker.abort)
         await self._until_ok(self.store.ensure_group)
         self._worker.start()
         self.metrics.start_http(self.config.metrics_port)
@@ -183,7 +186,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
                 await asyncio.sleep(backoff(failures))
                 failures += 1
                 continue
-            await self._admit_safely(entries)
+            await self._admit_safely(entries, head_start=True)
 
     async def _reclaim_loop(self) -> None:
         while self._pulling:
@@ -206,13 +209,14 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
     def _runs_entry(self, entry_id: str) -> bool:
         return any(a.entry_id == entry_id for a in self.active.values())
 
-    async def _admit_safely(self, entries: list[Entry], takeover: bool = False) -> None:
+    async def _admit_safely(self, entries: list[Entry], takeover: bool = False,
+                            head_start: bool = False) -> None:
         # A Redis failure here leaves the entries pending and not renewed: their leases lapse
         # and they are claimed again later (by anyone), so dropping them locally loses nothing.
         if not entries:
             return
         try:
-            await self._admit(entries, takeover)
+            await self._admit(entries, takeover, head_start)
         except REDIS_ERRORS as e:
             self.log.warning("admission failed, entries left to their lease",
                              entry_ids=[entry_id for entry_id, _ in entries], error=repr(e))
@@ -220,8 +224,12 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             for attempt in [a for a in self.active.values() if a.entry_id in ids]:
                 self._retire(attempt, ack=False)
 
-    async def _admit(self, entries: list[Entry], takeover: bool) -> None:
-        """Decode a batch of entries, claim the valid ones in one round trip, start them."""
+    async def _admit(self, entries: list[Entry], takeover: bool, head_start: bool) -> None:
+        """Decode a batch of entries, claim the valid ones in one round trip, start them.
+
+        With ``head_start`` (entries never delivered before) each valid request starts in the
+        engine before the claim is sent (see ``head_start.py``).
+        """
         wanted: list[tuple[ClaimRequest, dict[bytes, bytes], p.Request]] = []
         for entry_id, fields in entries:
             try:
@@ -232,14 +240,47 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             ttl_s = request.body.result_ttl_s or self.config.result_ttl_s
             wanted.append((ClaimRequest(request.request_id, entry_id, entry_ms(entry_id),
                                         ttl_s * 1000), fields, request))
-        attempts = await self._claim_many([(claim, fields) for claim, fields, _ in wanted])
-        for (_, _, request), attempt in zip(wanted, attempts):
-            if attempt is None:
-                continue
-            if takeover:
-                self.log.info("took over request", request_id=attempt.request_id,
-                              epoch=attempt.epoch, resume_from=attempt.next_off)
-            await self._start(attempt, request)
+        started = [self._head_start(claim.entry_id, request) if head_start else None
+                   for claim, _, request in wanted]
+        try:
+            attempts = await self._claim_many([(claim, fields) for claim, fields, _ in wanted])
+            for (_, _, request), attempt, engine_id in zip(wanted, attempts, started):
+                if attempt is None:
+                    continue
+                if takeover:
+                    self.log.info("took over request", request_id=attempt.request_id,
+                                  epoch=attempt.epoch, resume_from=attempt.next_off)
+                if engine_id is not None and attempt.next_off == 0:
+                    self._adopt(attempt, request, engine_id)
+                else:
+                    await self._start(attempt, request)
+        finally:
+            for engine_id in started:
+                if engine_id is not None:
+                    self._head_starts.drop(engine_id)  # a no-op for adopted ones
+
+    def _head_start(self, entry_id: str, request: p.Request) -> str | None:
+        """Start a request in the engine before its claim; None if it cannot run as it is."""
+        body = request.body
+        deadline = self._deadline_ms(entry_id, body)
+        if deadline is not None and now_ms() >= deadline:
+            return None  # _start reports the timeout
+        try:
+            params = p.to_request_params(body)
+        except InvalidRequestError:
+            return None  # _start reports it once the claim lets this daemon write
+        return self._head_starts.start(AddCommand(f"{request.request_id}@{entry_id}",
+                                                  _prompt(body), params))
+
+    def _adopt(self, attempt: Attempt, request: p.Request, engine_id: str) -> None:
+        """The claim confirmed a head start: the attempt takes over its engine sequence."""
+        self._by_engine_id.pop(attempt.engine_id, None)
+        attempt.engine_id = engine_id
+        self._by_engine_id[engine_id] = attempt
+        attempt.in_engine = True
+        attempt.deadline_ms = self._deadline_ms(attempt.entry_id, request.body)
+        outputs, rejected = self._head_starts.adopt(engine_id)
+        self._apply_results(outputs, rejected)
 
     async def _reject_entry(self, entry_id: str, fields: dict[bytes, bytes],
                             error: p.BadEntryError) -> None:
@@ -291,8 +332,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
     async def _start(self, attempt: Attempt, request: p.Request) -> None:
         """Validate, resume from what was already streamed, and hand it to the engine."""
         body = request.body
-        if body.timeout_s is not None:
-            attempt.deadline_ms = entry_ms(attempt.entry_id) + int(body.timeout_s * 1000)
+        attempt.deadline_ms = self._deadline_ms(attempt.entry_id, body)
         try:
             params = p.to_request_params(body)
         except InvalidRequestError as e:
@@ -312,10 +352,15 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         if attempt.terminal:
             self._flush_needed.set()
             return
-        prompt = body.prompt if body.prompt is not None else list(body.prompt_token_ids or [])
         attempt.in_engine = True
         assert self._worker is not None
-        self._worker.add(AddCommand(attempt.engine_id, prompt, params, forced))
+        self._worker.add(AddCommand(attempt.engine_id, _prompt(body), params, forced))
+
+    @staticmethod
+    def _deadline_ms(entry_id: str, body: p.RequestBody) -> int | None:
+        if body.timeout_s is None:
+            return None
+        return entry_ms(entry_id) + int(body.timeout_s * 1000)
 
     # --- engine results -------------------------------------------------------------------
 
@@ -326,19 +371,23 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             self._fatal = result.fatal
             self._stop.set()
             return
-        for engine_id, code, message in result.rejected:
+        self._head_starts.hold(result)
+        self._apply_results(result.outputs, result.rejected)
+        self._observe_stats(result.stats)
+        self._flush_needed.set()
+        self._slots_freed.set()  # KV use changed
+
+    def _apply_results(self, outputs: list[Any], rejected: list[tuple[str, str, str]]) -> None:
+        for engine_id, code, message in rejected:
             attempt = self._by_engine_id.get(engine_id)
             if attempt is not None:
                 attempt.in_engine = False
                 attempt.fail(code, message)
         now = time.monotonic()
-        for output in result.outputs:
+        for output in outputs:
             attempt = self._by_engine_id.get(output.request_id)
             if attempt is not None and not attempt.terminal:
                 self._apply_output(attempt, output, now)
-        self._observe_stats(result.stats)
-        self._flush_needed.set()
-        self._slots_freed.set()  # KV use changed
 
     def _apply_output(self, attempt: Attempt, output: Any, now: float) -> None:
         ids = list(output.new_token_ids)
@@ -383,6 +432,10 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._spec = (proposed, accepted)
 
 
+def _prompt(body: p.RequestBody) -> str | list[int]:
+    return body.prompt if body.prompt is not None else list(body.prompt_token_ids or [])
+
+
 async def _cancel(tasks: list[asyncio.Task[Any]], timeout_s: float = 5.0) -> None:
     for task in tasks:
         task.cancel()
@@ -394,6 +447,12 @@ async def _cancel(tasks: list[asyncio.Task[Any]], timeout_s: float = 5.0) -> Non
 def build_engine(config: DaemonConfig) -> Any:
     """Load the model named by the config (slow: run it off the event loop)."""
     from helix_daemon.engine import Engine, EngineConfig
+
+    if config.torch_threads is not None:
+        import torch
+
+        # On CPU, fewer kernel threads than cores leaves a core to the event loop and Redis.
+        torch.set_num_threads(config.torch_threads)
 
     kwargs: dict[str, Any] = dict(model=config.model, draft=config.draft, device=config.device,
                                   dtype=config.dtype, max_num_seqs=config.max_num_seqs,

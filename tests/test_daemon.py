@@ -215,15 +215,17 @@ def test_cancel_mid_generation_frees_kv_blocks(start_daemon, sync_redis, key_pre
 
 def test_requests_settled_before_they_run(start_daemon, sync_redis, key_prefix) -> None:
     """Cancelled while queued: never runs. Re-submitted id: answered once. timeout_s already
-    past at pick-up: error timeout. result_ttl_s sets the result's TTL."""
+    past at pick-up: error timeout. result_ttl_s sets the result's TTL. The sequences started
+    in the engine ahead of their claims (head starts) of the refused ones are aborted: the
+    engine ends up empty with every KV block free."""
     sync_redis.hset(p.meta_key("early", key_prefix), "cancel", "1")
     small = {"prompt": "a", "max_tokens": 4}
-    enqueue(sync_redis, key_prefix, QUEUE, small, "early")
+    enqueue(sync_redis, key_prefix, QUEUE, LONG, "early")  # would run long if not aborted
     enqueue(sync_redis, key_prefix, QUEUE, {**small, "result_ttl_s": 100}, "twice")
     enqueue(sync_redis, key_prefix, QUEUE, small, "twice")
     enqueue(sync_redis, key_prefix, QUEUE, {**small, "timeout_s": 0.01}, "stale")
     time.sleep(0.05)
-    start_daemon()
+    daemon = start_daemon()
     wait_all_finished(sync_redis, key_prefix, ["early", "twice", "stale"], 60)
     early = read_result(sync_redis, key_prefix, "early")
     assert len(early.events) == 1 and isinstance(early.terminal, p.CancelledEvent)
@@ -232,6 +234,10 @@ def test_requests_settled_before_they_run(start_daemon, sync_redis, key_prefix) 
     stale = read_result(sync_redis, key_prefix, "stale")
     assert len(stale.events) == 1 and stale.terminal.code == "timeout"
     wait_until(lambda: queue_is_empty(sync_redis, key_prefix), 10, "both entries acked")
+    # Aborted at its claim, "early" leaves within a step; left running it would take seconds.
+    wait_until(lambda: not daemon.engine.has_unfinished() and daemon.kv_blocks_used() == 0, 2,
+               "the engine to drop the refused head starts")
+    daemon.engine.check_integrity()
 
 
 def test_timeout_and_poison(start_daemon, sync_redis, key_prefix) -> None:
