@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -98,6 +99,11 @@ class Run:
     draft_seconds: float = 0.0
     draft_passes: int = 0
     step_seconds: list[float] = field(default_factory=list)
+    forwards: list[tuple[int, float]] = field(default_factory=list)  # (tokens, s) per target pass
+
+    def median_forward_s(self, tokens: Sequence[int]) -> float | None:
+        times = [s for n, s in self.forwards if n in tokens]
+        return statistics.median(times) if times else None
 
     @property
     def tokens(self) -> int:
@@ -138,6 +144,7 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
     _warm_up(engine, work, batch)
     before_steps = engine.stats().num_steps
     run = Run(method, batch, 0.0, [])
+    _time_target_forwards(engine, run)
     start = time.perf_counter()
     for first in range(0, len(work.prompts), batch):
         group = work.prompts[first: first + batch]
@@ -158,7 +165,21 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
         run.outputs += outputs.values()
     run.seconds = time.perf_counter() - start
     run.steps = engine.stats().num_steps - before_steps
+    del engine.target.forward  # back to the class's method
     return run
+
+
+def _time_target_forwards(engine: Engine, run: Run) -> None:
+    """Record each target forward's size and time (the verify cost the theory assumes free)."""
+    forward = engine.target.forward
+
+    def timed(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        started = time.perf_counter()
+        logits = forward(input_ids, *args, **kwargs)
+        run.forwards.append((len(input_ids), time.perf_counter() - started))
+        return logits
+
+    engine.target.forward = timed
 
 
 def _count_drafts(run: Run, out: Any, seen: dict[str, tuple[int, int]]) -> None:
@@ -232,7 +253,25 @@ def summarise(run: Run, plain: Run | None, reference: list[list[int]]) -> dict[s
                 "tokens_per_target_forward_per_seq": run.tokens / (run.tokens - run.accepted),
                 "theoretical_speedup": theoretical_speedup(run.alpha or 0.0, run.mean_k or 0, c)}
         row["measured_over_theory"] = row["speedup_vs_helix_plain"] / row["theoretical_speedup"]
+        row |= _verify_cost(run, plain, c)
     return row
+
+
+def _verify_cost(run: Run, plain: Run | None, c: float) -> dict[str, Any]:
+    """At batch 1: v = a verify forward (2..K+1 tokens) over a 1-token one, and the theory with
+    that cost in: (1 - α^(K+1)) / ((1 - α)(v + K c)). The classic formula takes v = 1, which
+    holds where a forward is bound by reading the weights; on a CPU whose small matrix
+    multiplies cost more per row, it promises more than any policy can deliver."""
+    if run.batch != 1 or plain is None or not run.mean_k:
+        return {}
+    one = plain.median_forward_s([1])
+    verify = run.median_forward_s(range(2, 2 + int(math.ceil(run.mean_k)) + 1))
+    if not one or not verify:
+        return {}
+    v = verify / one
+    alpha, k = run.alpha or 0.0, run.mean_k
+    tokens = (k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return {"verify_cost": v, "theory_with_verify_cost": tokens / (v + k * c)}
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -240,7 +279,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         return "-" if value is None else format(value, spec)
 
     head = (f"{'batch':>5} {'method':<18} {'tok/s':>8} {'vs plain':>8} {'alpha':>6} {'K':>5} "
-            f"{'c':>5} {'theory':>6} {'meas/th':>7} {'tok/fwd':>7} {'identical':>9}")
+            f"{'c':>5} {'theory':>6} {'meas/th':>7} {'v':>5} {'th(v)':>6} {'tok/fwd':>7} "
+            f"{'identical':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -249,6 +289,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{fmt(r.get('mean_k'), '.2f'):>5} {fmt(r.get('c'), '.3f'):>5} "
               f"{fmt(r.get('theoretical_speedup'), '.2f'):>6} "
               f"{fmt(r.get('measured_over_theory'), '.2f'):>7} "
+              f"{fmt(r.get('verify_cost'), '.2f'):>5} "
+              f"{fmt(r.get('theory_with_verify_cost'), '.2f'):>6} "
               f"{fmt(r.get('tokens_per_target_forward_per_seq'), '.2f'):>7} "
               f"{r['identical']:>4}/{r['compared']:<4}")
 
@@ -262,7 +304,9 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
     spec_big = find("helix+draft", largest)
     targets = {}
     if spec1:
-        targets["batch 1: measured >= 90% of theory"] = spec1["measured_over_theory"] >= 0.9
+        # no row value when adaptive K never drafted: then there is no speedup to compare
+        targets["batch 1: measured >= 90% of theory"] = \
+            spec1.get("measured_over_theory", 0.0) >= 0.9
     if spec1 and assisted:
         targets["batch 1: >= 1.3x HF assisted"] = \
             spec1["tokens_per_s"] >= 1.3 * assisted["tokens_per_s"]

@@ -189,14 +189,21 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         sampled: list[list[int]] = []
+        num_tokens = 0
         if plan.scheduled:
             if self.drafter is not None:
                 self._propose(plan)
-            sampled = self._run(plan)
+            started = time.perf_counter()
+            sampled, num_tokens = self._run(plan)
             self._num_steps += 1
         self._account_kv()
         updates = self.scheduler.postprocess(plan, sampled)
-        return [self._output(u) for u in updates]
+        outputs = [self._output(u) for u in updates]
+        if num_tokens and self._policy is not None:
+            # The verify pass's cost as adaptive K must weigh it: everything after the draft
+            # passes, accept, rollback and outputs included (they grow with the drafts too).
+            self._policy.observe_target(num_tokens, time.perf_counter() - started)
+        return outputs
 
     def _propose(self, plan: StepPlan) -> None:
         assert self.drafter is not None
@@ -205,17 +212,14 @@ class Engine:
             for num_tokens, seconds in self.drafter.pass_timings:
                 self._policy.observe_draft_pass(num_tokens, seconds)
 
-    def _run(self, plan: StepPlan) -> list[list[int]]:
-        started = time.perf_counter()
+    def _run(self, plan: StepPlan) -> tuple[list[list[int]], int]:
+        """One packed target forward and acceptance: tokens per sequence, tokens verified."""
         batch = _pack(plan, self.config.block_size)
         meta = build_metadata(batch.spans, self.config.block_size, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         logits = self.target.forward(as_tensor(batch.input_ids), as_tensor(batch.positions), meta,
                                      as_tensor(batch.logit_rows))
-        sampled = self._accept(plan, logits)
-        if self._policy is not None:
-            self._policy.observe_target(len(batch.input_ids), time.perf_counter() - started)
-        return sampled
+        return self._accept(plan, logits), len(batch.input_ids)
 
     def _accept(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
         """Sample each sequence's next token(s); with drafts, rejection sampling keeps p exact."""

@@ -23,11 +23,13 @@ class StepCostModel:
     """Step time as a function of its token count: measured where seen, a line elsewhere.
 
     The line is an online least squares fit of ``seconds = a + b * num_tokens`` with exponential
-    forgetting. Real cost is a staircase, not a line (on CPU a 3-token forward costs what a 1-token
-    one does and a 4-token one about 50% more), so each small token count keeps its own mean,
-    and ``predict`` prefers it: the policy then sees where one more draft token is free.
-    A size not seen for ``STALE_AFTER`` observations falls back to the line, so one slow sample
-    (a noisy neighbour) cannot keep the policy away from that size for good.
+    forgetting. Real cost is a staircase, not a line, and a machine-specific one (on one CPU host
+    a 3-token forward cost what a 1-token one does and a 4-token one 50% more; on another, 2 and
+    3 tokens cost 1.5x and 1.9x one token and 4-5 tokens no more than 3), so each small token
+    count keeps its own mean, and ``predict`` prefers it: the policy sees where a draft is cheap.
+    A size not seen for ``STALE_AFTER`` observations falls back to the line and is measured
+    afresh when next chosen, so one slow sample (a noisy neighbour) cannot keep the policy away
+    from that size for good.
     """
 
     MAX_TABULATED = 512
@@ -41,15 +43,19 @@ class StepCostModel:
 
     def predict(self, num_tokens: int) -> float:
         measured = self._measured.get(num_tokens)
-        if measured is not None and self._num_observed - measured[1] <= self.STALE_AFTER:
+        if measured is not None and not self._stale(measured):
             return measured[0]
         return self.a + self.b * num_tokens
+
+    def _stale(self, measured: tuple[float, int]) -> bool:
+        return self._num_observed - measured[1] > self.STALE_AFTER
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         self._num_observed += 1
         if num_tokens <= self.MAX_TABULATED:
             old = self._measured.get(num_tokens)
-            mean = seconds if old is None else 0.8 * old[0] + 0.2 * seconds
+            fresh = old is None or self._stale(old)
+            mean = seconds if fresh else 0.8 * old[0] + 0.2 * seconds
             self._measured[num_tokens] = (mean, self._num_observed)
         n, t = float(num_tokens), seconds
         self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, n, t, n * n, n * t))]

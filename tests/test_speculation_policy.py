@@ -35,7 +35,8 @@ def test_cost_model_prefers_measured_sizes_over_the_line() -> None:
 
 def test_a_size_not_seen_for_long_falls_back_to_the_line() -> None:
     """One slow sample of a size that is then never chosen again cannot pin its cost forever:
-    after enough other observations its prediction returns to the fitted line."""
+    after enough other observations its prediction returns to the fitted line, and the next
+    sample of that size replaces the old mean instead of blending with it."""
     model = StepCostModel()
     model.observe(4, 1.0)  # a single outlier
     assert model.predict(4) == 1.0
@@ -43,6 +44,8 @@ def test_a_size_not_seen_for_long_falls_back_to_the_line() -> None:
         model.observe(1, 0.025)
         model.observe(8, 0.040)
     assert model.predict(4) < 0.1
+    model.observe(4, 0.030)
+    assert abs(model.predict(4) - 0.030) < 1e-12
 
 
 def test_staircase_cost_stops_k_where_the_step_gets_dearer() -> None:
