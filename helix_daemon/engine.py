@@ -187,6 +187,7 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        step_started = time.perf_counter()
         plan = self.scheduler.schedule()
         sampled: list[list[int]] = []
         num_tokens = 0
@@ -200,9 +201,16 @@ class Engine:
         updates = self.scheduler.postprocess(plan, sampled)
         outputs = [self._output(u) for u in updates]
         if num_tokens and self._policy is not None:
+            now = time.perf_counter()
             # The verify pass's cost as adaptive K must weigh it: everything after the draft
             # passes, accept, rollback and outputs included (they grow with the drafts too).
-            self._policy.observe_target(num_tokens, time.perf_counter() - started)
+            self._policy.observe_target(num_tokens, now - started)
+            drafting = sum(1 for s in plan.scheduled if s.num_draft_slots)
+            passes = self.drafter.pass_timings if self.drafter is not None else []
+            # a first pass feeding more than the usual 1-2 tokens a sequence is a catch-up
+            catch_up = bool(drafting and passes and passes[0][0] > 2 * drafting)
+            self._policy.observe_outcome(drafting > 0, sum(len(ids) for ids in sampled),
+                                         now - step_started, catch_up)
         return outputs
 
     def _propose(self, plan: StepPlan) -> None:

@@ -15,6 +15,7 @@ up on a new prompt is learned as the many-token pass it is.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from scheduler.sequence import Sequence
 
@@ -69,8 +70,48 @@ class StepCostModel:
             self.a = max(st / w - self.b * sn / w, 1e-9)
 
 
+@dataclass(slots=True)
+class DraftingRecord:
+    """Realised decoding speed, with and without drafts, at one range of batch sizes."""
+
+    plain_rate: float | None = None  # EMA of tokens / s / sequence over steps without drafts
+    draft_rate: float | None = None  # the same over steps with drafts
+    steps: int = 0
+    last_plain: int = 0  # step counts at the last sample of each arm
+    last_draft: int = 0
+    draft_probe_every: int = 32  # while drafting loses: steps between its probes (doubling)
+    probe_steps_left: int = 0  # a probe drafts twice: its first step may be a catch-up
+
+
+    def observe(self, drafted: bool, rate: float) -> None:
+        if drafted:
+            self.draft_rate, self.last_draft = _ema(self.draft_rate, rate), self.steps
+        else:
+            self.plain_rate, self.last_plain = _ema(self.plain_rate, rate), self.steps
+
+    def drafting_loses(self) -> bool:
+        return self.plain_rate is not None and self.draft_rate is not None and \
+            self.draft_rate < self.plain_rate
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new
+
+
 class AdaptiveDraftPolicy:
-    """Chooses K per sequence from its recent acceptance and the current batch."""
+    """Chooses K per sequence from its recent acceptance and the current batch.
+
+    The cost model's choice is checked against outcomes: per range of batch sizes (powers of
+    two) it keeps the realised tokens per second per sequence of steps with and without drafts,
+    from decode-only steps. Where drafting realised less, drafting stops there but for probes
+    ever further apart (``PROBE_EVERY`` doubling up to ``MAX_PROBE_GAP`` steps); where it
+    realised more, a plain step every ``PROBE_EVERY`` keeps the comparison fresh. (Predicted
+    costs alone mislead where the verify cost is not flat: a CPU whose 2- and 3-row matrix
+    multiplies cost 2-3x one row kept drafting at 0.86-0.89x plain speed at batches 16 and 64.)
+    """
+
+    PROBE_EVERY = 32  # also DraftingRecord's first gap between probes of a losing drafter
+    MAX_PROBE_GAP = 512
 
     def __init__(self, adaptive: bool = True, draft_cost: float = 0.05,
                  prior_acceptance: float = 0.7) -> None:
@@ -80,6 +121,20 @@ class AdaptiveDraftPolicy:
         self.draft_pass = StepCostModel(b=0.0)
         self.num_draft_observations = 0  # until the first, a pass costs draft_cost target steps
         self.prior_acceptance = prior_acceptance
+        self.records: dict[int, DraftingRecord] = {}  # batch-size bucket -> outcomes
+        self._pending: tuple[DraftingRecord, int] | None = None  # this step's record, seqs
+
+    def observe_outcome(self, drafted: bool, num_tokens: int, seconds: float,
+                        catch_up: bool = False) -> None:
+        """The step that ``choose`` planned emitted ``num_tokens`` in ``seconds`` (all in).
+
+        ``catch_up``: its draft model first caught up on a prompt or on tokens it skipped: a
+        one-off cost, not the rate drafting runs at, so the step is not counted.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None and seconds > 0 and not catch_up:
+            record, num_seqs = pending
+            record.observe(drafted, num_tokens / seconds / num_seqs)
 
     def observe_target(self, num_tokens: int, seconds: float) -> None:
         self.target.observe(num_tokens, seconds)
@@ -99,8 +154,35 @@ class AdaptiveDraftPolicy:
 
     def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
         """K for each sequence (at most its cap); ``num_other_tokens`` = prefill tokens etc."""
+        self._pending = None
         if not self.adaptive or not seqs:
             return list(caps)
+        ks = self._by_cost(seqs, caps, num_other_tokens)
+        record = self.records.setdefault(len(seqs).bit_length(), DraftingRecord())
+        record.steps += 1
+        if num_other_tokens == 0:  # prefill chunks would blur the rates
+            self._pending = (record, len(seqs))
+        if not any(ks):
+            return ks
+        plain = [0] * len(seqs)
+        if record.probe_steps_left:
+            record.probe_steps_left -= 1
+            return ks
+        if record.drafting_loses():
+            # Probe drafting ever more rarely: after plain steps the draft model must first
+            # catch up on every token it skipped, so each probe costs a draft prefill.
+            if record.steps - record.last_draft < record.draft_probe_every:
+                return plain
+            record.draft_probe_every = min(2 * record.draft_probe_every, self.MAX_PROBE_GAP)
+            record.probe_steps_left = 1
+            return ks
+        record.draft_probe_every = self.PROBE_EVERY
+        plain_due = record.steps - record.last_plain >= self.PROBE_EVERY or \
+            (record.plain_rate is None and record.steps > 2)
+        return plain if plain_due else ks
+
+    def _by_cost(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
+        """The K per sequence that maximises predicted tokens per second."""
         alphas = [self.acceptance(s) for s in seqs]
         base = num_other_tokens + len(seqs)
         best_rate, best_ks = self._rate(alphas, [0] * len(seqs), base), [0] * len(seqs)

@@ -71,3 +71,49 @@ def test_compute_bound_batch_drafts_less_than_a_single_sequence() -> None:
     lone = policy.choose([_seq("a", 0.6)], [4], 0)
     crowd = policy.choose([_seq(f"s{i}", 0.6) for i in range(64)], [4] * 64, 0)
     assert sum(crowd) / len(crowd) < lone[0]
+
+
+def _drafting_steps(policy: AdaptiveDraftPolicy, draft_rate: float, plain_rate: float,
+                    steps: int) -> list[bool]:
+    """Run ``steps`` decode steps of one sequence whose drafted steps realise ``draft_rate``
+    tokens/s and plain ones ``plain_rate``; return which steps drafted."""
+    seq, drafted = _seq("a", 0.7), []
+    for _ in range(steps):
+        k = policy.choose([seq], [4], 0)[0]
+        tokens = 2 if k else 1
+        policy.observe_outcome(k > 0, tokens, tokens / (draft_rate if k else plain_rate))
+        drafted.append(k > 0)
+    return drafted
+
+
+def test_outcomes_overrule_costs_when_drafting_realises_less() -> None:
+    """The cost model predicts drafting pays (flat verify cost), but drafted steps realise fewer
+    tokens per second than plain ones: drafting stops but for probes that get ever rarer
+    (each one makes the draft model catch up on every token it skipped)."""
+    policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
+    assert policy.choose([_seq("a", 0.7)], [4], 0)[0] > 0  # what the costs alone say
+    drafted = _drafting_steps(policy, draft_rate=30.0, plain_rate=40.0, steps=1000)
+    assert sum(drafted[-4 * AdaptiveDraftPolicy.PROBE_EVERY:]) <= 2  # a probe drafts twice
+    assert sum(drafted) <= 20  # gaps 32, 64, ... up to MAX_PROBE_GAP
+
+
+def test_outcomes_keep_drafting_that_pays() -> None:
+    """When drafted steps realise more tokens per second, the policy keeps drafting and only
+    takes a plain step now and then to keep that comparison fresh."""
+    policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
+    drafted = _drafting_steps(policy, draft_rate=60.0, plain_rate=40.0, steps=200)
+    recent = drafted[-4 * AdaptiveDraftPolicy.PROBE_EVERY:]
+    assert len(recent) - sum(recent) <= 4
+
+
+def test_a_draft_catch_up_step_is_not_counted_as_drafting_speed() -> None:
+    """A step whose draft model first prefilled a prompt (or skipped tokens) is slow once; its
+    rate must not be taken for what drafting realises, or drafting would be judged a loss."""
+    policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
+    seq = _seq("a", 0.7)
+    assert policy.choose([seq], [4], 0)[0] > 0
+    policy.observe_outcome(True, 1, 1.0, catch_up=True)
+    assert all(r.draft_rate is None for r in policy.records.values())
+    policy.choose([seq], [4], 0)
+    policy.observe_outcome(True, 3, 0.05)
+    assert [r.draft_rate for r in policy.records.values()] == [60.0]
