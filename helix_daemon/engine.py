@@ -191,6 +191,10 @@ class Engine:
         plan = self.scheduler.schedule()
         sampled: list[list[int]] = []
         num_tokens = 0
+        # A draft model prefilling a new prompt is a one-off cost, not drafting's running rate
+        # (catching up on tokens skipped during plain steps is, and is charged to drafting).
+        new_prompt = any(s.num_draft_slots and s.seq.num_draft_computed == 0
+                         for s in plan.scheduled)
         if plan.scheduled:
             if self.drafter is not None:
                 self._propose(plan)
@@ -205,12 +209,9 @@ class Engine:
             # The verify pass's cost as adaptive K must weigh it: everything after the draft
             # passes, accept, rollback and outputs included (they grow with the drafts too).
             self._policy.observe_target(num_tokens, now - started)
-            drafting = sum(1 for s in plan.scheduled if s.num_draft_slots)
-            passes = self.drafter.pass_timings if self.drafter is not None else []
-            # a first pass feeding more than the usual 1-2 tokens a sequence is a catch-up
-            catch_up = bool(drafting and passes and passes[0][0] > 2 * drafting)
-            self._policy.observe_outcome(drafting > 0, sum(len(ids) for ids in sampled),
-                                         now - step_started, catch_up)
+            drafted = any(s.num_draft_slots for s in plan.scheduled)
+            self._policy.observe_outcome(drafted, sum(len(ids) for ids in sampled),
+                                         now - step_started, catch_up=new_prompt)
         return outputs
 
     def _propose(self, plan: StepPlan) -> None:

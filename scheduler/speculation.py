@@ -128,8 +128,9 @@ class AdaptiveDraftPolicy:
                         catch_up: bool = False) -> None:
         """The step that ``choose`` planned emitted ``num_tokens`` in ``seconds`` (all in).
 
-        ``catch_up``: its draft model first caught up on a prompt or on tokens it skipped: a
-        one-off cost, not the rate drafting runs at, so the step is not counted.
+        ``catch_up``: its draft model first prefilled a new prompt, a one-off cost and not the
+        rate drafting runs at, so the step is not counted. (Catching up on tokens skipped
+        during plain steps is counted: it is what stopping and resuming drafting costs.)
         """
         pending, self._pending = self._pending, None
         if pending is not None and seconds > 0 and not catch_up:

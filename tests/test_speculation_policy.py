@@ -107,8 +107,8 @@ def test_outcomes_keep_drafting_that_pays() -> None:
 
 
 def test_a_draft_catch_up_step_is_not_counted_as_drafting_speed() -> None:
-    """A step whose draft model first prefilled a prompt (or skipped tokens) is slow once; its
-    rate must not be taken for what drafting realises, or drafting would be judged a loss."""
+    """A step whose draft model first prefilled a new prompt is slow once; its rate must not be
+    taken for what drafting realises, or drafting would be judged a loss from the start."""
     policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
     seq = _seq("a", 0.7)
     assert policy.choose([seq], [4], 0)[0] > 0
