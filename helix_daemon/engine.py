@@ -191,28 +191,32 @@ class Engine:
         plan = self.scheduler.schedule()
         sampled: list[list[int]] = []
         num_tokens = 0
-        # A draft model prefilling a new prompt is a one-off cost, not drafting's running rate
-        # (catching up on tokens skipped during plain steps is, and is charged to drafting).
-        new_prompt = any(s.num_draft_slots and s.seq.num_draft_computed == 0
-                         for s in plan.scheduled)
+        new_prompt = self._policy is not None and _drafts_a_new_prompt(plan)
+        verify_started = step_started
         if plan.scheduled:
             if self.drafter is not None:
                 self._propose(plan)
-            started = time.perf_counter()
+            verify_started = time.perf_counter()
             sampled, num_tokens = self._run(plan)
             self._num_steps += 1
         self._account_kv()
         updates = self.scheduler.postprocess(plan, sampled)
         outputs = [self._output(u) for u in updates]
         if num_tokens and self._policy is not None:
-            now = time.perf_counter()
-            # The verify pass's cost as adaptive K must weigh it: everything after the draft
-            # passes, accept, rollback and outputs included (they grow with the drafts too).
-            self._policy.observe_target(num_tokens, now - started)
-            drafted = any(s.num_draft_slots for s in plan.scheduled)
-            self._policy.observe_outcome(drafted, sum(len(ids) for ids in sampled),
-                                         now - step_started, catch_up=new_prompt)
+            self._teach_policy(plan, sampled, num_tokens, step_started, verify_started,
+                               new_prompt)
         return outputs
+
+    def _teach_policy(self, plan: StepPlan, sampled: list[list[int]], num_tokens: int,
+                      step_started: float, verify_started: float, new_prompt: bool) -> None:
+        assert self._policy is not None
+        now = time.perf_counter()
+        # The verify pass's cost as adaptive K must weigh it: everything after the draft
+        # passes, accept, rollback and outputs included (they grow with the drafts too).
+        self._policy.observe_target(num_tokens, now - verify_started)
+        drafted = any(s.num_draft_slots for s in plan.scheduled)
+        self._policy.observe_outcome(drafted, sum(len(ids) for ids in sampled),
+                                     now - step_started, catch_up=new_prompt)
 
     def _propose(self, plan: StepPlan) -> None:
         assert self.drafter is not None
@@ -320,6 +324,12 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.allocator.check_integrity(self.scheduler.block_tables())
+
+
+def _drafts_a_new_prompt(plan: StepPlan) -> bool:
+    """Will a draft model first prefill a new prompt this step? (A one-off cost, not drafting's
+    running rate; catching up on tokens skipped during plain steps is, and is charged to it.)"""
+    return any(s.num_draft_slots and s.seq.num_draft_computed == 0 for s in plan.scheduled)
 
 
 def _pack(plan: StepPlan, block_size: int) -> _Batch:

@@ -35,23 +35,20 @@ class HeadStarts:
 
     def hold(self, result: StepResult) -> None:
         """Move the outputs and rejections of head-started sequences out of ``result``."""
-        if not self._held:
-            return
-        outputs = []
-        for output in result.outputs:
-            held = self._held.get(output.request_id)
+        if self._held:
+            result.outputs = self._keep(result.outputs, lambda o: o.request_id, 0)
+            result.rejected = self._keep(result.rejected, lambda r: r[0], 1)
+
+    def _keep(self, items: list[Any], engine_id: Callable[[Any], str], slot: int) -> list[Any]:
+        """The items not held; held ones go to slot ``slot`` of their sequence's hold."""
+        kept = []
+        for item in items:
+            held = self._held.get(engine_id(item))
             if held is None:
-                outputs.append(output)
+                kept.append(item)
             else:
-                held[0].append(output)
-        rejected = []
-        for rejection in result.rejected:
-            held = self._held.get(rejection[0])
-            if held is None:
-                rejected.append(rejection)
-            else:
-                held[1].append(rejection)
-        result.outputs, result.rejected = outputs, rejected
+                held[slot].append(item)
+        return kept
 
     def adopt(self, engine_id: str) -> tuple[list[Any], list[Rejection]]:
         """The claim said go: stop holding; return what the engine produced meanwhile."""

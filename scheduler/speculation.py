@@ -70,18 +70,21 @@ class StepCostModel:
             self.a = max(st / w - self.b * sn / w, 1e-9)
 
 
+PROBE_EVERY = 32  # steps between plain probes; first gap between probes of a losing drafter
+MAX_PROBE_GAP = 512
+
+
 @dataclass(slots=True)
 class DraftingRecord:
     """Realised decoding speed, with and without drafts, at one range of batch sizes."""
 
     plain_rate: float | None = None  # EMA of tokens / s / sequence over steps without drafts
     draft_rate: float | None = None  # the same over steps with drafts
-    steps: int = 0
+    steps: int = 0  # decode steps planned in this range
     last_plain: int = 0  # step counts at the last sample of each arm
     last_draft: int = 0
-    draft_probe_every: int = 32  # while drafting loses: steps between its probes (doubling)
-    probe_steps_left: int = 0  # a probe drafts twice: its first step may be a catch-up
-
+    draft_probe_every: int = PROBE_EVERY  # while drafting loses: doubles after each probe
+    probe_steps_left: int = 0  # a probe drafts twice: not only the catch-up resuming costs
 
     def observe(self, drafted: bool, rate: float) -> None:
         if drafted:
@@ -92,6 +95,24 @@ class DraftingRecord:
     def drafting_loses(self) -> bool:
         return self.plain_rate is not None and self.draft_rate is not None and \
             self.draft_rate < self.plain_rate
+
+    def lets_draft(self) -> bool:
+        """May this step draft, when the cost model says it should?"""
+        if self.probe_steps_left:
+            self.probe_steps_left -= 1
+            return True
+        if self.drafting_loses():
+            # Probe drafting ever more rarely: after plain steps the draft model must first
+            # catch up on every token it skipped, so each probe costs a draft prefill.
+            if self.steps - self.last_draft < self.draft_probe_every:
+                return False
+            self.draft_probe_every = min(2 * self.draft_probe_every, MAX_PROBE_GAP)
+            self.probe_steps_left = 1
+            return True
+        self.draft_probe_every = PROBE_EVERY
+        plain_due = self.steps - self.last_plain >= PROBE_EVERY or \
+            (self.plain_rate is None and self.steps > 2)
+        return not plain_due
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -110,8 +131,7 @@ class AdaptiveDraftPolicy:
     multiplies cost 2-3x one row kept drafting at 0.86-0.89x plain speed at batches 16 and 64.)
     """
 
-    PROBE_EVERY = 32  # also DraftingRecord's first gap between probes of a losing drafter
-    MAX_PROBE_GAP = 512
+    PROBE_EVERY = PROBE_EVERY
 
     def __init__(self, adaptive: bool = True, draft_cost: float = 0.05,
                  prior_acceptance: float = 0.7) -> None:
@@ -163,24 +183,9 @@ class AdaptiveDraftPolicy:
         record.steps += 1
         if num_other_tokens == 0:  # prefill chunks would blur the rates
             self._pending = (record, len(seqs))
-        if not any(ks):
-            return ks
-        plain = [0] * len(seqs)
-        if record.probe_steps_left:
-            record.probe_steps_left -= 1
-            return ks
-        if record.drafting_loses():
-            # Probe drafting ever more rarely: after plain steps the draft model must first
-            # catch up on every token it skipped, so each probe costs a draft prefill.
-            if record.steps - record.last_draft < record.draft_probe_every:
-                return plain
-            record.draft_probe_every = min(2 * record.draft_probe_every, self.MAX_PROBE_GAP)
-            record.probe_steps_left = 1
-            return ks
-        record.draft_probe_every = self.PROBE_EVERY
-        plain_due = record.steps - record.last_plain >= self.PROBE_EVERY or \
-            (record.plain_rate is None and record.steps > 2)
-        return plain if plain_due else ks
+        if any(ks) and not record.lets_draft():
+            return [0] * len(seqs)
+        return ks
 
     def _by_cost(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
         """The K per sequence that maximises predicted tokens per second."""
