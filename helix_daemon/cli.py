@@ -100,6 +100,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 0 = off)")
     p.add_argument("--daemon-id", help="stable consumer name (default host:queue:0)")
     p.add_argument("--max-num-seqs", type=int, help="most sequences in a step (default 64)")
+    p.add_argument("--max-waiting", type=int,
+                   help="requests held beyond --max-num-seqs, ready for the next free place "
+                        "(default 8; 0 = hold no more than run)")
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="most tokens in a step (default 1024)")
     p.add_argument("--num-speculative-tokens", type=int,
@@ -185,6 +188,7 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> Any:
         "model": args.model, "draft": args.draft, "device": args.device, "dtype": args.dtype,
         "kv_cache_memory": args.kv_cache_memory, "metrics_port": args.metrics_port,
         "daemon_id": args.daemon_id, "max_num_seqs": args.max_num_seqs,
+        "max_waiting": args.max_waiting,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_speculative_tokens": args.num_speculative_tokens,
         "torch_threads": args.torch_threads,

@@ -43,6 +43,7 @@ from helix_daemon.protocol import (
     to_request_params,
 )
 from helix_daemon.redis_conn import async_redis
+from helix_daemon.stream_mux import StreamMux
 from scheduler.errors import InvalidRequestError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -263,19 +264,22 @@ class AsyncHelixClient:
         self.queue = queue
         self._cancel = client.register_script(_CANCEL_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
+        self._mux = StreamMux(client, _READ_COUNT)
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, *, prefix: str = DEFAULT_PREFIX,
                  queue: str = DEFAULT_QUEUE, **redis_kwargs: Any) -> AsyncHelixClient:
         """Connect to ``url``; ``redis_kwargs`` go to ``redis.asyncio.Redis.from_url``.
 
-        Every ``stream()`` in flight holds one connection while its XREAD blocks, so the pool
-        is sized for many concurrent streams (redis-py's default of 100 is easy to exceed).
+        All ``stream()`` calls share one blocking XREAD on one connection; submits, cancels and
+        a second reader of a stream already followed take connections of their own, so the pool
+        is sized for many concurrent callers (redis-py's default of 100 is easy to exceed).
         """
         redis_kwargs.setdefault("max_connections", MAX_CONNECTIONS)
         return cls(async_redis(url, **redis_kwargs), prefix=prefix, queue=queue)
 
     async def aclose(self) -> None:
+        await self._mux.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncHelixClient:
@@ -322,7 +326,11 @@ class AsyncHelixClient:
         """
         key = out_key(request_id, self.prefix)
         reader = StreamReader(request_id, from_seq, block_ms, timeout_s)
-        while not reader.finished:
+        if not self._mux.is_following(key):  # the usual case: one shared XREAD for all streams
+            async for event in self._mux.follow(key, reader, block_ms, timeout_s):
+                yield event
+            return
+        while not reader.finished:  # a second reader of one stream reads on its own
             try:
                 reply = await self.redis.xread({key: reader.last_id}, count=_READ_COUNT,
                                                block=reader.block_ms())

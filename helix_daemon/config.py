@@ -37,6 +37,9 @@ class DaemonConfig:
     kv_cache_memory: str = "auto"
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use tiny pools)
     max_num_seqs: int = 64
+    # Requests held beyond max_num_seqs, waiting in the engine: a finished sequence's place is
+    # refilled in the next step instead of after an ack, a read and a claim (round trips).
+    max_waiting: int = 8
     max_num_batched_tokens: int = 1024  # tokens per step: bounds a prefill chunk's stall
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step (adaptive below)
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
@@ -64,6 +67,8 @@ class DaemonConfig:
                 raise ValueError(f"{name}: {e}") from None
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",

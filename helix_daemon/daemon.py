@@ -158,7 +158,8 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
                 stats.kv_blocks_used / stats.kv_blocks_total >= self.config.kv_high_watermark:
             return 0
         # Entries finished but not yet acked still count: the queue never sees us hold more.
-        return max(0, self.config.max_num_seqs - len(self.active) - len(self._acks))
+        held = len(self.active) + len(self._acks)
+        return max(0, self.config.max_num_seqs + self.config.max_waiting - held)
 
     async def _recover_own_entries(self) -> None:
         """After a restart under the same name, our unacked entries come back at once."""

@@ -6,12 +6,15 @@ applied atomically:
 * ``claim`` takes ownership of a request for one attempt: it bumps ``epoch`` (fencing every older
   attempt), counts the attempt, and settles requests that must not run (already terminal, a
   duplicate submission of the same id, cancelled while queued, poison).
-* ``append`` writes one event. It refuses the write when the caller's epoch/owner is stale
-  (``fenced``) or the request expired (``gone``); it keeps ``seq`` gap-free (a retried write that
-  already landed answers ``dup``) and turns a token write into ``cancelled`` once asked to.
+* ``append`` writes events, each checked on its own. It refuses a write when the caller's
+  epoch/owner is stale (``fenced``) or the request expired (``gone``); it keeps ``seq`` gap-free
+  (a retried write that already landed answers ``dup``) and turns a token write into
+  ``cancelled`` once asked to. One call carries a whole flush round, many requests' events.
 
-Both scripts touch only the two ``{id}``-tagged keys of one request, so they are Cluster-safe;
-acks and dead letters are separate commands issued after the terminal event is durable.
+A claim touches only the two ``{id}``-tagged keys of one request. An append call touches those of
+every request in its round, which a standalone Redis (or one primary) serves; under Redis Cluster
+the round would have to be split by hash slot. Acks and dead letters are separate commands issued
+after the terminal event is durable.
 """
 
 from __future__ import annotations
@@ -74,36 +77,52 @@ redis.call('PEXPIRE', out, run_ttl)
 return {'ok', epoch, seq, off, attempts}
 """
 
+# One call writes the events of many requests (a flush round): one script call per round instead
+# of one per request saves a command's parsing and dispatch per token event on both ends. Each
+# event is checked and written on its own, and an error in one (pcall) does not stop the others.
 _APPEND_LUA = """
-local meta, out = KEYS[1], KEYS[2]
-local epoch, owner, seq, off = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local off_after, final_state = tonumber(ARGV[5]), ARGV[6]
-local cap, ttl, now = ARGV[7], tonumber(ARGV[8]), ARGV[9]
-if redis.call('EXISTS', meta) == 0 then return 'gone' end
-local m = redis.call('HMGET', meta, 'state', 'epoch', 'owner', 'next_seq', 'next_off', 'cancel')
-if m[2] ~= epoch or m[3] ~= owner then return 'fenced' end
-local next_seq = tonumber(m[4] or '0')
-if seq < next_seq then return 'dup' end
-if m[1] ~= 'running' then return 'fenced' end
-if seq > next_seq or off ~= tonumber(m[5] or '0') then return 'gap' end
-if final_state == '' and m[6] == '1' then
-  redis.call('XADD', out, 'MAXLEN', '~', cap, '*', 'type', 'cancelled', 'seq', seq, 'att', epoch,
-             'reason', 'cancelled by client')
-  final_state, off_after = 'cancelled', off
-  redis.call('HSET', meta, 'finish_reason', 'cancelled')
-else
-  redis.call('XADD', out, 'MAXLEN', '~', cap, '*', unpack(ARGV, 12))
+local function append(meta, out, A)
+  local epoch, owner, seq, off = A[1], A[2], tonumber(A[3]), tonumber(A[4])
+  local off_after, final_state = tonumber(A[5]), A[6]
+  local cap, ttl, now = A[7], tonumber(A[8]), A[9]
+  if redis.call('EXISTS', meta) == 0 then return 'gone' end
+  local m = redis.call('HMGET', meta, 'state', 'epoch', 'owner', 'next_seq', 'next_off', 'cancel')
+  if m[2] ~= epoch or m[3] ~= owner then return 'fenced' end
+  local next_seq = tonumber(m[4] or '0')
+  if seq < next_seq then return 'dup' end
+  if m[1] ~= 'running' then return 'fenced' end
+  if seq > next_seq or off ~= tonumber(m[5] or '0') then return 'gap' end
+  if final_state == '' and m[6] == '1' then
+    redis.call('XADD', out, 'MAXLEN', '~', cap, '*', 'type', 'cancelled', 'seq', seq,
+               'att', epoch, 'reason', 'cancelled by client')
+    final_state, off_after = 'cancelled', off
+    redis.call('HSET', meta, 'finish_reason', 'cancelled')
+  else
+    redis.call('XADD', out, 'MAXLEN', '~', cap, '*', unpack(A, 12))
+  end
+  redis.call('HSET', meta, 'next_seq', seq + 1, 'next_off', off_after)
+  if final_state ~= '' then
+    redis.call('HSET', meta, 'state', final_state, 'finished_ms', now)
+    if A[10] ~= '' then redis.call('HSET', meta, 'finish_reason', A[10]) end
+    if A[11] ~= '' then redis.call('HSET', meta, 'error_code', A[11]) end
+  end
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', out, ttl)
+  if final_state == 'cancelled' and A[6] == '' then return 'cancelled' end
+  return 'ok'
 end
-redis.call('HSET', meta, 'next_seq', seq + 1, 'next_off', off_after)
-if final_state ~= '' then
-  redis.call('HSET', meta, 'state', final_state, 'finished_ms', now)
-  if ARGV[10] ~= '' then redis.call('HSET', meta, 'finish_reason', ARGV[10]) end
-  if ARGV[11] ~= '' then redis.call('HSET', meta, 'error_code', ARGV[11]) end
+-- KEYS: meta, out of each event in turn; ARGV: each event's argument count, then its arguments
+local replies, at = {}, 1
+for i = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[at])
+  local ok, reply = pcall(append, KEYS[i], KEYS[i + 1], {unpack(ARGV, at + 1, at + n)})
+  if not ok then
+    reply = 'error: ' .. (type(reply) == 'table' and tostring(reply.err) or tostring(reply))
+  end
+  replies[#replies + 1] = reply
+  at = at + n + 1
 end
-redis.call('PEXPIRE', meta, ttl)
-redis.call('PEXPIRE', out, ttl)
-if final_state == 'cancelled' and ARGV[6] == '' then return 'cancelled' end
-return 'ok'
+return replies
 """
 
 
@@ -274,11 +293,20 @@ class Store:
         return claims
 
     async def append_many(self, ops: Sequence[Append], now_ms: int) -> list[str]:
-        """Send every write in one pipeline, in order; one status per op."""
+        """Send every write in one script call, in order; one status per op."""
+        if not ops:
+            return []
+        keys: list[str] = []
+        args: list[Any] = []
         for op in ops:
             op.attempted = True
-        calls = [(self._keys(op.request_id), _append_args(op, now_ms)) for op in ops]
-        return [_reply(r) for r in await self._evalsha_many(self._append, calls)]
+            keys += self._keys(op.request_id)
+            op_args = _append_args(op, now_ms)
+            args += [len(op_args), *op_args]
+        [reply] = await self._evalsha_many(self._append, [(keys, args)])
+        if isinstance(reply, Exception):
+            return [_reply(reply)] * len(ops)
+        return [_s(r) for r in reply]
 
     async def _evalsha_many(self, script: Any, calls: Sequence[_Call]) -> list[Any]:
         """Run ``script`` once per (keys, args) in one pipeline; one reply or error each."""

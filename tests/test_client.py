@@ -192,6 +192,70 @@ async def test_async_client_round_trip(aclient: AsyncHelixClient, async_redis,
     assert await aclient.cancel(rid) is True
 
 
+async def _blocked_xreads(r: aioredis.Redis) -> int:
+    """How many connections of the server are blocked in XREAD right now."""
+    clients = await r.client_list()
+    return sum(1 for c in clients if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+
+
+async def test_async_streams_share_one_blocking_read(aclient: AsyncHelixClient, async_redis,
+                                                     key_prefix: str) -> None:
+    """Thirty streams followed at once wait in ONE blocking XREAD; each still gets exactly its
+    own events (duplicates dropped), and a stream followed while that read is blocked (here
+    for 60 s) is woken at once by CLIENT UNBLOCK instead of waiting the block out."""
+    rids = [f"m{i}" for i in range(30)]
+    before = await _blocked_xreads(async_redis)
+
+    async def follow(rid: str) -> list[int]:
+        return [e.seq async for e in aclient.stream(rid, block_ms=60_000, timeout_s=30)]
+
+    tasks = [asyncio.create_task(follow(rid)) for rid in rids[:-1]]
+    await asyncio.sleep(0.3)
+    assert await _blocked_xreads(async_redis) - before == 1
+    late = asyncio.create_task(follow(rids[-1]))  # joins while the shared read is blocked
+    await asyncio.sleep(0.1)
+    for i, rid in enumerate(rids):
+        key = out_key(rid, key_prefix)
+        await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "x", [i])))
+        await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "x", [i])))  # a retry
+        await async_redis.xadd(key, encode_event(_done(1)))
+    results = await asyncio.wait_for(asyncio.gather(*tasks, late), timeout=10)
+    assert results == [[0, 1]] * len(rids)
+
+
+async def test_async_stream_gap_timeout_and_second_reader(aclient: AsyncHelixClient,
+                                                          async_redis, key_prefix: str) -> None:
+    """Through the shared read, a missing seq still raises StreamGapError (for that stream
+    alone), a silent stream raises TimeoutError, and a second reader of a stream that is
+    already followed reads it on its own and sees the same events."""
+    await async_redis.xadd(out_key("gap", key_prefix), encode_event(TokenEvent(1, 1, 0, "x", [1])))
+    with pytest.raises(StreamGapError):
+        await aclient.result("gap", timeout_s=5)
+    with pytest.raises(TimeoutError):
+        await aclient.result("silent", timeout_s=0.3)
+
+    key = out_key("two", key_prefix)
+    first = asyncio.create_task(aclient.result("two", timeout_s=10))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(aclient.result("two", timeout_s=10))
+    await asyncio.sleep(0.1)
+    await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "ok", [3])))
+    await async_redis.xadd(key, encode_event(_done(1)))
+    a, b = await asyncio.gather(first, second)
+    assert a.text == b.text == "ok" and a.ok and b.ok
+
+
+async def test_closing_the_async_client_ends_its_streams(redis_url: str, key_prefix: str) -> None:
+    """A stream still waiting when its client closes raises a ConnectionError instead of
+    hanging forever."""
+    c = AsyncHelixClient(aioredis.Redis.from_url(redis_url), prefix=key_prefix)
+    waiting = asyncio.create_task(c.result("never-written", timeout_s=30))
+    await asyncio.sleep(0.2)
+    await c.aclose()
+    with pytest.raises(redis.ConnectionError):
+        await asyncio.wait_for(waiting, timeout=5)
+
+
 # --- against a real daemon ------------------------------------------------------------------
 
 

@@ -256,9 +256,11 @@ def test_timeout_and_poison(start_daemon, sync_redis, key_prefix) -> None:
     assert any(r.startswith(b"poison") for r in reasons)
 
 
-def test_heartbeat_and_backpressure(start_daemon, sync_redis, key_prefix) -> None:
-    """The daemon registers a heartbeat, and never holds more entries than max_num_seqs."""
-    start_daemon(max_num_seqs=2)
+@pytest.mark.parametrize("max_waiting", [0, 1])
+def test_heartbeat_and_backpressure(start_daemon, sync_redis, key_prefix, max_waiting) -> None:
+    """The daemon registers a heartbeat, and never holds more entries than max_num_seqs plus
+    max_waiting (the rest stay in the queue for other daemons)."""
+    start_daemon(max_num_seqs=2, max_waiting=max_waiting)
     for i in range(6):
         enqueue(sync_redis, key_prefix, QUEUE, {**LONG, "max_tokens": 200}, f"b{i}")
     wait_until(lambda: sync_redis.exists(p.daemon_key("t0", key_prefix)), 10, "a heartbeat")
@@ -275,7 +277,7 @@ def test_heartbeat_and_backpressure(start_daemon, sync_redis, key_prefix) -> Non
             for i in range(6))
 
     wait_until(all_done, 120, "six requests", interval_s=0.01)
-    assert 1 <= pending_max <= 2
+    assert pending_max == 2 + max_waiting  # filled up to the bound, never past it
 
 
 def test_speculative_daemon_is_lossless_and_exports_metrics(start_daemon, sync_redis, key_prefix,

@@ -66,6 +66,25 @@ async def test_retried_writes_are_idempotent_and_gaps_refused(async_redis, key_p
     assert len(await read_events(async_redis, key_prefix, "r")) == 1
 
 
+async def test_one_append_call_judges_each_request_on_its_own(async_redis, key_prefix) -> None:
+    """A flush round of several requests goes in one script call, and each write gets its own
+    answer: one request's ok, another's dup, gap, gone, and a script error on a broken key
+    (a meta hash overwritten by a string) leave every other write in the round intact."""
+    store = make_store(async_redis, key_prefix, "d1")
+    ca, cb, cc = await claim(store, "a"), await claim(store, "b"), await claim(store, "c")
+    landed = token(store, "b", cb, 0, 0, [4])
+    await store.append_many([landed], 0)
+    await async_redis.set(p.meta_key("c", key_prefix), "not a hash")
+    ops = [token(store, "a", ca, 0, 0, [1]), landed, token(store, "b", cb, 2, 1, [5]),
+           token(store, "c", cc, 0, 0, [6]), token(store, "nobody", ca, 0, 0, [7]),
+           token(store, "a", ca, 1, 1, [2])]
+    replies = await store.append_many(ops, 0)
+    assert replies[:3] == ["ok", "dup", "gap"] and replies[4:] == ["gone", "ok"]
+    assert replies[3].startswith("error: ") and "WRONGTYPE" in replies[3]
+    assert await store.committed_token_ids("a") == [1, 2]
+    assert await store.committed_token_ids("b") == [4]
+
+
 async def test_takeover_fences_the_old_owner(async_redis, key_prefix) -> None:
     """A second claim bumps the epoch, keeps seq/off, and the old owner's writes are refused."""
     old, new = make_store(async_redis, key_prefix, "d1"), make_store(async_redis, key_prefix, "d2")

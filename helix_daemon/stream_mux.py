@@ -1,0 +1,142 @@
+"""One blocking XREAD for every out stream an async client follows.
+
+A reader per request, each blocked in its own ``XREAD``, costs a round trip, a connection and a
+reply parse per request per engine step: with a hundred requests streaming at once the client
+spends more CPU than the daemon. The mux keeps one ``XREAD ... STREAMS k1 k2 ... id1 id2 ...``
+blocked on a dedicated connection; one reply carries every stream's new events, which are handed
+to the followers' queues. A stream followed while the read is blocked wakes it with
+``CLIENT UNBLOCK`` (sent from another connection), so a new request's first token is not held
+back until the block times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from helix_daemon.client import StreamReader
+    from helix_daemon.protocol import Event
+
+
+@dataclass
+class _Follower:
+    reader: StreamReader
+    block_ms: int
+    inbox: asyncio.Queue[list[Event] | BaseException] = field(default_factory=asyncio.Queue)
+
+
+class StreamMux:
+    """Follows many streams with one blocking ``XREAD`` on a connection of its own."""
+
+    def __init__(self, client: aioredis.Redis, read_count: int) -> None:
+        self._client = client
+        self._read_count = read_count
+        self._followers: dict[str, _Follower] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._conn_id: int | None = None  # of the connection the read blocks on
+        self._blocked = False  # an XREAD is in flight on that connection
+        self._wake_sent = False
+
+    def is_following(self, key: str) -> bool:
+        return key in self._followers
+
+    async def follow(self, key: str, reader: StreamReader, block_ms: int,
+                     timeout_s: float | None) -> AsyncIterator[Event]:
+        """Yield the events of ``key`` that ``reader`` lets through, up to the terminal one.
+
+        Raises TimeoutError when ``timeout_s`` passes with the stream unfinished, and whatever
+        the shared read raised (a lost connection, a gap that persists).
+        """
+        follower = _Follower(reader, block_ms)
+        self._followers[key] = follower
+        self._wake()
+        # One timer for the whole stream (a wait_for per event would cost a task each time).
+        timer = None if timeout_s is None else asyncio.get_running_loop().call_later(
+            timeout_s, follower.inbox.put_nowait,
+            TimeoutError(f"no terminal event for request {reader.request_id!r} in time"))
+        try:
+            while not reader.finished:
+                item = await follower.inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for event in item:
+                    yield event
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._followers.get(key) is follower:
+                del self._followers[key]
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _wake(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._read_loop())
+        elif self._blocked and not self._wake_sent and self._conn_id is not None:
+            # The blocked read does not know the new stream: end its wait early.
+            self._wake_sent = True
+            asyncio.create_task(self._unblock(self._conn_id))
+
+    async def _unblock(self, conn_id: int) -> None:
+        with contextlib.suppress(redis.RedisError):  # a lost connection ends the read anyway
+            await self._client.client_unblock(conn_id)
+
+    async def _read_loop(self) -> None:
+        conn = self._client.client()  # one connection of the pool, held by this loop
+        try:
+            self._conn_id = await conn.client_id()
+            while self._followers:
+                self._deliver(await self._read(conn))
+        except Exception as exc:  # every follower hears of it; the next follow() starts afresh
+            self._fail_all(exc)
+        except asyncio.CancelledError:  # the client is closing
+            self._fail_all(redis.ConnectionError("the client was closed"))
+            raise
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+            self._conn_id, self._blocked = None, False
+            await conn.aclose()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for follower in self._followers.values():
+            follower.inbox.put_nowait(exc)
+        self._followers.clear()
+
+    async def _read(self, conn: aioredis.Redis) -> Any:
+        streams = {key: f.reader.last_id for key, f in self._followers.items()}
+        block_ms = min(f.block_ms for f in self._followers.values())
+        self._blocked, self._wake_sent = True, False
+        try:
+            return await conn.xread(streams, count=self._read_count, block=block_ms)
+        except redis.TimeoutError:
+            return None  # a socket timeout shorter than the block: same as no news
+        finally:
+            self._blocked = False
+
+    def _deliver(self, reply: Any) -> None:
+        for raw_key, entries in reply or ():
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            follower = self._followers.get(key)
+            if follower is None:  # stopped following while the read was out
+                continue
+            try:
+                events = follower.reader.take([(raw_key, entries)])
+            except Exception as exc:  # a gap that persists: this follower's error alone
+                del self._followers[key]
+                follower.inbox.put_nowait(exc)
+                continue
+            if events:
+                follower.inbox.put_nowait(events)
