@@ -10,9 +10,11 @@ once). Each rate runs twice on one loaded engine:
 
 Reported per run: throughput (output tokens/s), TTFT and inter-token latency p50/p99 (measured
 where the tokens arrive), the Redis overhead (redis minus inproc) and, for the daemon, token
-events written per second. JSON goes to ``bench/results/serve.json``.
+events written per second. JSON goes to ``bench/results/serve.json`` (``serve-small.json`` for
+``--model-size small``).
 
     python bench/serve.py --quick            # ~1 minute on a laptop CPU
+    python bench/serve.py --model-size small # a model whose steps are mostly matrix multiplies
     python bench/serve.py --model PATH --rates inf,5,20 --num-requests 200
 """
 
@@ -299,13 +301,20 @@ async def write_capacity(url: str, num_requests: int = 64, num_steps: int = 200)
 # --- driver --------------------------------------------------------------------------------
 
 
-def load_engine(model: str | None, draft: str, max_num_seqs: int, workdir: Path) -> Any:
+# Built-in random Llamas: "tiny" is Python-bound (Redis is the largest share of its time it can
+# be), "small" spends most of a step in matrix multiplies, as real models do.
+MODEL_SIZES = {"tiny": {"hidden_size": 128, "num_layers": 2},
+               "small": {"hidden_size": 512, "num_layers": 8}}
+
+
+def load_engine(model: str | None, draft: str, max_num_seqs: int, workdir: Path,
+                size: str = "tiny") -> Any:
     from helix_daemon.engine import Engine, EngineConfig
 
     if model is None:
         from helix_daemon.tiny_models import build_tiny_model
 
-        model = str(build_tiny_model(workdir / "tiny-llama", hidden_size=128, num_layers=2))
+        model = str(build_tiny_model(workdir / f"{size}-llama", **MODEL_SIZES[size]))
     return Engine.from_config(EngineConfig(model=model, draft=draft, device="auto",
                                            max_num_seqs=max_num_seqs, kv_cache_memory=256 << 20))
 
@@ -392,7 +401,9 @@ async def _delete_prefix(url: str, prefix: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model folder (default: build a tiny random Llama)")
+    parser.add_argument("--model", help="model folder (default: build a random Llama)")
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny",
+                        help="size of the built-in random Llama when --model is not given")
     parser.add_argument("--draft", default="none", help="none | ngram | draft model folder")
     parser.add_argument("--redis-url", default="auto", help="URL, 'auto' or 'embedded'")
     parser.add_argument("--rates", default=None,
@@ -401,7 +412,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch kernel threads for both paths (the daemon's --torch-threads);"
-                             " default 1 with the built-in tiny model, else torch's default")
+                             " default: 1 for the tiny model, else one fewer than the cores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per path and rate; medians are reported (default 3, quick 2)")
@@ -411,16 +422,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     default_rates = "inf,20" if args.quick else "inf,10,25,50"
     args.rates = [float(r) for r in (args.rates or default_rates).split(",")]
-    if args.torch_threads is None and args.model is None:
+    if args.torch_threads is None and args.model is None and args.model_size == "tiny":
         # A 2-layer, 128-wide model is Python-bound: a second kernel thread only adds OpenMP
         # overhead (in-process burst: 6884 tok/s on 1 thread, 5370 on 2) and takes the core
         # that the event loop, Redis and the client need.
         args.torch_threads = 1
+    elif args.torch_threads is None:
+        # The daemon's advice for a small box: leave a core to the event loop and Redis (here
+        # also to the client process). Both paths run with the same threads.
+        args.torch_threads = max(1, (os.cpu_count() or 2) - 1)
     args.num_requests = args.num_requests or (24 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 3)
-    # a quick smoke run must not overwrite the figures of a full run
+    # a quick smoke run must not overwrite the figures of a full run, nor one size another's
+    stem = "serve" if args.model or args.model_size == "tiny" else f"serve-{args.model_size}"
     args.out = args.out or ROOT / "bench" / "results" / (
-        "serve-quick.json" if args.quick else "serve.json")
+        f"{stem}-quick.json" if args.quick else f"{stem}.json")
     return args
 
 
@@ -437,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.torch_threads)
-            engine = load_engine(args.model, args.draft, args.max_num_seqs, Path(tmp))
+            engine = load_engine(args.model, args.draft, args.max_num_seqs, Path(tmp),
+                                 args.model_size)
             print(f"Redis {url}; {args.num_requests} requests per run, median of {args.repeats}"
                   f" runs; torch threads: {_threads()}\n{_HEADER}", flush=True)
             rows = asyncio.run(bench(args, engine, url))

@@ -133,6 +133,10 @@ class StreamReader:
     def finished(self) -> bool:
         return self.cursor.finished
 
+    def seconds_left(self) -> float | None:
+        """Time to the deadline (None: no deadline)."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
     def block_ms(self) -> int:
         if self._deadline is None:
             return self._block_ms
@@ -326,18 +330,33 @@ class AsyncHelixClient:
         """
         key = out_key(request_id, self.prefix)
         reader = StreamReader(request_id, from_seq, block_ms, timeout_s)
+        # Up to its first events a stream reads on its own: the shared read would first have to
+        # be woken and sent again with the new key, which adds to the time to first token.
+        async for event in self._read_alone(key, reader, until_first=True):
+            yield event
+        if reader.finished:
+            return
         if not self._mux.is_following(key):  # the usual case: one shared XREAD for all streams
-            async for event in self._mux.follow(key, reader, block_ms, timeout_s):
+            async for event in self._mux.follow(key, reader, block_ms, reader.seconds_left()):
                 yield event
             return
-        while not reader.finished:  # a second reader of one stream reads on its own
+        async for event in self._read_alone(key, reader):  # a second reader of one stream
+            yield event
+
+    async def _read_alone(self, key: str, reader: StreamReader,
+                          until_first: bool = False) -> AsyncIterator[Event]:
+        """Blocking XREADs of this stream alone, to its end (or its first events)."""
+        while not reader.finished:
             try:
                 reply = await self.redis.xread({key: reader.last_id}, count=_READ_COUNT,
                                                block=reader.block_ms())
             except redis.TimeoutError:
                 reply = None  # a socket timeout shorter than the block: same as no news
-            for event in reader.take(reply):
+            events = reader.take(reply)
+            for event in events:
                 yield event
+            if until_first and events:
+                return
 
     async def result(self, request_id: str, timeout_s: float | None = None) -> RequestResult:
         """Wait for the terminal event and return the whole outcome."""

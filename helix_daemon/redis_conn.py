@@ -1,10 +1,10 @@
 """Asyncio Redis clients whose commands are packed by hiredis, when it is installed.
 
 redis-py's blocking connection packs commands with hiredis' C packer (``HiredisRespSerializer``);
-its asyncio connection always packs in Python. The daemon sends one EVALSHA of about 25
-arguments per token event, and under a burst the Python packer took a quarter of the event
-loop's time (66 us a command, measured), time the loop then holds the GIL that the engine
-thread needs. The bytes on the wire are the same either way.
+its asyncio connection always packs in Python. The daemon's appends carry about 20 arguments
+per token event, and under a burst the Python packer took a quarter of the event loop's time
+(66 us per event, measured), time the loop then holds the GIL that the engine thread needs.
+The bytes on the wire are the same either way.
 """
 
 from __future__ import annotations

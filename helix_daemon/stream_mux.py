@@ -38,6 +38,11 @@ class StreamMux:
     def __init__(self, client: aioredis.Redis, read_count: int) -> None:
         self._client = client
         self._read_count = read_count
+        # Block for less than the socket timeout (redis-py's default is 5 s): a timed-out socket
+        # is closed and opened again, which costs a round trip and changes the client id.
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._max_block_ms = 2**31 if not socket_timeout else \
+            max(1, int(socket_timeout * 1000) - 500)
         self._followers: dict[str, _Follower] = {}
         self._task: asyncio.Task[None] | None = None
         self._conn_id: int | None = None  # of the connection the read blocks on
@@ -117,12 +122,16 @@ class StreamMux:
 
     async def _read(self, conn: aioredis.Redis) -> Any:
         streams = {key: f.reader.last_id for key, f in self._followers.items()}
-        block_ms = min(f.block_ms for f in self._followers.values())
+        block_ms = min([f.block_ms for f in self._followers.values()] + [self._max_block_ms])
         self._blocked, self._wake_sent = True, False
         try:
             return await conn.xread(streams, count=self._read_count, block=block_ms)
         except redis.TimeoutError:
-            return None  # a socket timeout shorter than the block: same as no news
+            # The socket timed out first, and redis-py reconnects: under a new client id,
+            # which CLIENT UNBLOCK must use from now on.
+            self._blocked = False
+            self._conn_id = await conn.client_id()
+            return None
         finally:
             self._blocked = False
 

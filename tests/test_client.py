@@ -200,27 +200,38 @@ async def _blocked_xreads(r: aioredis.Redis) -> int:
 
 async def test_async_streams_share_one_blocking_read(aclient: AsyncHelixClient, async_redis,
                                                      key_prefix: str) -> None:
-    """Thirty streams followed at once wait in ONE blocking XREAD; each still gets exactly its
-    own events (duplicates dropped), and a stream followed while that read is blocked (here
-    for 60 s) is woken at once by CLIENT UNBLOCK instead of waiting the block out."""
+    """Streams read alone until their first event, then thirty of them wait in ONE blocking
+    XREAD; each still gets exactly its own events (duplicates dropped). A stream that joins
+    while that read is blocked (for 4.5 s: just under redis-py's socket timeout) wakes it with
+    CLIENT UNBLOCK: its next event arrives at once instead of after the block."""
     rids = [f"m{i}" for i in range(30)]
     before = await _blocked_xreads(async_redis)
+
+    async def first_token(rid: str, i: int) -> None:
+        await async_redis.xadd(out_key(rid, key_prefix),
+                               encode_event(TokenEvent(0, 1, 0, "x", [i])))
 
     async def follow(rid: str) -> list[int]:
         return [e.seq async for e in aclient.stream(rid, block_ms=60_000, timeout_s=30)]
 
     tasks = [asyncio.create_task(follow(rid)) for rid in rids[:-1]]
+    await asyncio.sleep(0.2)
+    assert await _blocked_xreads(async_redis) - before == len(rids) - 1  # each on its own
+    for i, rid in enumerate(rids[:-1]):
+        await first_token(rid, i)
     await asyncio.sleep(0.3)
+    assert await _blocked_xreads(async_redis) - before == 1  # now all in the shared read
+    late = asyncio.create_task(follow(rids[-1]))
+    await first_token(rids[-1], 29)
+    await asyncio.sleep(0.3)  # it got its first token alone and joined the blocked read
     assert await _blocked_xreads(async_redis) - before == 1
-    late = asyncio.create_task(follow(rids[-1]))  # joins while the shared read is blocked
-    await asyncio.sleep(0.1)
-    for i, rid in enumerate(rids):
-        key = out_key(rid, key_prefix)
-        await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "x", [i])))
-        await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "x", [i])))  # a retry
-        await async_redis.xadd(key, encode_event(_done(1)))
-    results = await asyncio.wait_for(asyncio.gather(*tasks, late), timeout=10)
-    assert results == [[0, 1]] * len(rids)
+    await async_redis.xadd(out_key(rids[-1], key_prefix), encode_event(_done(1)))
+    assert await asyncio.wait_for(late, timeout=2) == [0, 1]
+    for i, rid in enumerate(rids[:-1]):
+        await first_token(rid, i)  # a retried write: delivered once
+        await async_redis.xadd(out_key(rid, key_prefix), encode_event(_done(1)))
+    results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+    assert results == [[0, 1]] * (len(rids) - 1)
 
 
 async def test_async_stream_gap_timeout_and_second_reader(aclient: AsyncHelixClient,
