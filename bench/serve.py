@@ -266,7 +266,7 @@ async def write_capacity(url: str, num_requests: int = 64, num_steps: int = 200)
     """Token events per second the daemon's write path sustains, with no model in the way.
 
     ``num_requests`` claimed requests each get one single-token event per step, written the
-    way the daemon's flush loop writes a step: every fenced append in one pipeline
+    way the daemon's flush loop writes a step: every fenced append in one script call
     (``Store.append_many``, the same Lua script). The engine in the serving runs above makes
     far fewer tokens per second than this, so this is what bounds a daemon on faster hardware.
     """
@@ -460,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = asyncio.run(bench(args, engine, url))
             capacity = asyncio.run(write_capacity(url))
             print(f"write path alone: {capacity['token_events_per_s']:.0f} token events/s "
-                  f"({capacity['requests']} requests x {capacity['steps']} steps, one pipeline "
-                  "per step)", flush=True)
+                  f"({capacity['requests']} requests x {capacity['steps']} steps, one script "
+                  "call per step)", flush=True)
     finally:
         close()
     report = {"config": {k: str(v) for k, v in vars(args).items()},
