@@ -20,9 +20,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio as aioredis
 
+from helix_daemon.retry import REDIS_ERRORS, backoff
+
 if TYPE_CHECKING:
     from helix_daemon.client import StreamReader
     from helix_daemon.protocol import Event
+
+
+_MAX_READ_RETRIES = 3
 
 
 @dataclass
@@ -41,8 +46,7 @@ class StreamMux:
         # Block for less than the socket timeout (redis-py's default is 5 s): a timed-out socket
         # is closed and opened again, which costs a round trip and changes the client id.
         socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-        self._max_block_ms = 2**31 if not socket_timeout else \
-            max(1, int(socket_timeout * 1000) - 500)
+        self._max_block_ms = 2**31 if not socket_timeout else max(1, int(socket_timeout * 800))
         self._followers: dict[str, _Follower] = {}
         self._task: asyncio.Task[None] | None = None
         self._conn_id: int | None = None  # of the connection the read blocks on
@@ -100,10 +104,26 @@ class StreamMux:
 
     async def _read_loop(self) -> None:
         conn = self._client.client()  # one connection of the pool, held by this loop
+        failures = 0
         try:
+            await conn.initialize()
+            # A dropped connection is opened again by its next command, under a new client id
+            # that CLIENT UNBLOCK must name.
+            conn.connection.register_connect_callback(self._on_connect)
             self._conn_id = await conn.client_id()
             while self._followers:
-                self._deliver(await self._read(conn))
+                try:
+                    reply = await self._read(conn)
+                except REDIS_ERRORS:
+                    # Reading again from each stream's last id loses nothing: retry a few
+                    # times with backoff before the followers hear of it.
+                    if failures >= _MAX_READ_RETRIES:
+                        raise
+                    await asyncio.sleep(backoff(failures))
+                    failures += 1
+                    continue
+                failures = 0
+                self._deliver(reply)
         except Exception as exc:  # every follower hears of it; the next follow() starts afresh
             self._fail_all(exc)
         except asyncio.CancelledError:  # the client is closing
@@ -127,13 +147,13 @@ class StreamMux:
         try:
             return await conn.xread(streams, count=self._read_count, block=block_ms)
         except redis.TimeoutError:
-            # The socket timed out first, and redis-py reconnects: under a new client id,
-            # which CLIENT UNBLOCK must use from now on.
-            self._blocked = False
-            self._conn_id = await conn.client_id()
-            return None
+            return None  # the socket timed out first (a slow server): same as no news
         finally:
             self._blocked = False
+
+    async def _on_connect(self, connection: Any) -> None:
+        await connection.send_command("CLIENT", "ID")
+        self._conn_id = int(await connection.read_response())
 
     def _deliver(self, reply: Any) -> None:
         for raw_key, entries in reply or ():

@@ -317,3 +317,40 @@ def test_daemon_rejection_comes_back_as_an_error_result(live_daemon, live_prefix
     with HelixClient.from_url("redis://127.0.0.1:6379/0", prefix=live_prefix) as client:
         result = client.result("raw-1", timeout_s=30)
     assert result.state == "error" and result.error_code == "invalid_request"
+
+
+async def test_shared_read_survives_a_dropped_connection(aclient: AsyncHelixClient, async_redis,
+                                                         key_prefix: str) -> None:
+    """When the shared read's connection is killed, the read is retried on a new connection (a
+    new client id); streams already followed go on, and a stream joining later still wakes the
+    read at once (CLIENT UNBLOCK names the new connection, not the dead one)."""
+    async def blocked_ids() -> set[int]:
+        return {int(c["id"]) for c in await async_redis.client_list()
+                if c.get("cmd") == "xread" and "b" in c.get("flags", "")}
+
+    async def event(rid: str, ev: object) -> None:
+        await async_redis.xadd(out_key(rid, key_prefix), encode_event(ev))
+
+    async def follow(rid: str) -> list[int]:  # long blocks: only a wake-up ends them early
+        return [e.seq async for e in aclient.stream(rid, block_ms=60_000, timeout_s=30)]
+
+    before = await blocked_ids()
+    a = asyncio.create_task(follow("a"))
+    await asyncio.sleep(0.1)
+    await event("a", TokenEvent(0, 1, 0, "x", [1]))
+    await asyncio.sleep(0.3)
+    [shared] = await blocked_ids() - before
+    await async_redis.client_kill_filter(_id=shared)
+    for _ in range(50):  # the read is retried after a backoff
+        await asyncio.sleep(0.1)
+        now = await blocked_ids() - before
+        if now and shared not in now:
+            break
+    assert len(now) == 1 and shared not in now
+    b = asyncio.create_task(follow("b"))
+    await event("b", TokenEvent(0, 1, 0, "y", [2]))
+    await asyncio.sleep(0.3)  # b got its first token alone and joined the shared read
+    await event("b", _done(1))
+    assert await asyncio.wait_for(b, timeout=2) == [0, 1]
+    await event("a", _done(1))
+    assert await asyncio.wait_for(a, timeout=2) == [0, 1]
