@@ -52,7 +52,7 @@ _READ_COUNT = 512  # events per XREAD: one round trip drains a long burst
 _MAX_GAP_REREADS = 3
 # Below redis-py's default 5 s socket timeout: a longer XREAD BLOCK would time the socket out.
 DEFAULT_BLOCK_MS = 2000
-MAX_CONNECTIONS = 1024  # async pool size: one connection per concurrently blocking stream()
+MAX_CONNECTIONS = 1024  # async pool size: one per stream() still waiting for its first events
 
 # Reserve the request id: create meta (state queued, with a TTL so an abandoned id cannot leak)
 # unless it exists; return the entry id of an earlier submission ("" when there is none yet).
@@ -275,9 +275,11 @@ class AsyncHelixClient:
                  queue: str = DEFAULT_QUEUE, **redis_kwargs: Any) -> AsyncHelixClient:
         """Connect to ``url``; ``redis_kwargs`` go to ``redis.asyncio.Redis.from_url``.
 
-        All ``stream()`` calls share one blocking XREAD on one connection; submits, cancels and
-        a second reader of a stream already followed take connections of their own, so the pool
-        is sized for many concurrent callers (redis-py's default of 100 is easy to exceed).
+        Streams that have delivered events share one blocking XREAD on one connection; a stream
+        still waiting for its first events (a backlog in the queue makes that most of them),
+        submits, cancels and a second reader of a stream take connections of their own, so the
+        pool is sized for many concurrent callers (redis-py's default of 100 is easy to
+        exceed).
         """
         redis_kwargs.setdefault("max_connections", MAX_CONNECTIONS)
         return cls(async_redis(url, **redis_kwargs), prefix=prefix, queue=queue)

@@ -48,7 +48,9 @@ def client(redis_url: str, key_prefix: str):
 
 @pytest.fixture
 async def aclient(redis_url: str, key_prefix: str):
-    c = AsyncHelixClient(aioredis.Redis.from_url(redis_url), prefix=key_prefix)
+    # Named after the test's prefix, so CLIENT LIST can tell its connections from others'.
+    c = AsyncHelixClient(aioredis.Redis.from_url(redis_url, client_name=key_prefix),
+                         prefix=key_prefix)
     yield c
     await c.aclose()
 
@@ -192,21 +194,19 @@ async def test_async_client_round_trip(aclient: AsyncHelixClient, async_redis,
     assert await aclient.cancel(rid) is True
 
 
-async def _blocked_xreads(r: aioredis.Redis) -> int:
-    """How many connections of the server are blocked in XREAD right now."""
-    clients = await r.client_list()
-    return sum(1 for c in clients if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+async def _blocked_xreads(r: aioredis.Redis, name: str) -> set[int]:
+    """Ids of the connections named ``name`` that are blocked in XREAD right now."""
+    return {int(c["id"]) for c in await r.client_list()
+            if c.get("name") == name and c.get("cmd") == "xread" and "b" in c.get("flags", "")}
 
 
 async def test_async_streams_share_one_blocking_read(aclient: AsyncHelixClient, async_redis,
                                                      key_prefix: str) -> None:
     """Streams read alone until their first event, then thirty of them wait in ONE blocking
     XREAD; each still gets exactly its own events (duplicates dropped). A stream that joins
-    while that read is blocked (for 4.5 s: just under redis-py's socket timeout) wakes it with
+    while that read is blocked (for 4 s: 0.8 of redis-py's socket timeout) wakes it with
     CLIENT UNBLOCK: its next event arrives at once instead of after the block."""
     rids = [f"m{i}" for i in range(30)]
-    before = await _blocked_xreads(async_redis)
-
     async def first_token(rid: str, i: int) -> None:
         await async_redis.xadd(out_key(rid, key_prefix),
                                encode_event(TokenEvent(0, 1, 0, "x", [i])))
@@ -216,15 +216,15 @@ async def test_async_streams_share_one_blocking_read(aclient: AsyncHelixClient, 
 
     tasks = [asyncio.create_task(follow(rid)) for rid in rids[:-1]]
     await asyncio.sleep(0.2)
-    assert await _blocked_xreads(async_redis) - before == len(rids) - 1  # each on its own
+    assert len(await _blocked_xreads(async_redis, key_prefix)) == len(rids) - 1  # alone
     for i, rid in enumerate(rids[:-1]):
         await first_token(rid, i)
     await asyncio.sleep(0.3)
-    assert await _blocked_xreads(async_redis) - before == 1  # now all in the shared read
+    assert len(await _blocked_xreads(async_redis, key_prefix)) == 1  # all in the shared read
     late = asyncio.create_task(follow(rids[-1]))
     await first_token(rids[-1], 29)
     await asyncio.sleep(0.3)  # it got its first token alone and joined the blocked read
-    assert await _blocked_xreads(async_redis) - before == 1
+    assert len(await _blocked_xreads(async_redis, key_prefix)) == 1
     await async_redis.xadd(out_key(rids[-1], key_prefix), encode_event(_done(1)))
     assert await asyncio.wait_for(late, timeout=2) == [0, 1]
     for i, rid in enumerate(rids[:-1]):
@@ -324,26 +324,21 @@ async def test_shared_read_survives_a_dropped_connection(aclient: AsyncHelixClie
     """When the shared read's connection is killed, the read is retried on a new connection (a
     new client id); streams already followed go on, and a stream joining later still wakes the
     read at once (CLIENT UNBLOCK names the new connection, not the dead one)."""
-    async def blocked_ids() -> set[int]:
-        return {int(c["id"]) for c in await async_redis.client_list()
-                if c.get("cmd") == "xread" and "b" in c.get("flags", "")}
-
     async def event(rid: str, ev: object) -> None:
         await async_redis.xadd(out_key(rid, key_prefix), encode_event(ev))
 
     async def follow(rid: str) -> list[int]:  # long blocks: only a wake-up ends them early
         return [e.seq async for e in aclient.stream(rid, block_ms=60_000, timeout_s=30)]
 
-    before = await blocked_ids()
     a = asyncio.create_task(follow("a"))
     await asyncio.sleep(0.1)
     await event("a", TokenEvent(0, 1, 0, "x", [1]))
     await asyncio.sleep(0.3)
-    [shared] = await blocked_ids() - before
+    [shared] = await _blocked_xreads(async_redis, key_prefix)
     await async_redis.client_kill_filter(_id=shared)
     for _ in range(50):  # the read is retried after a backoff
         await asyncio.sleep(0.1)
-        now = await blocked_ids() - before
+        now = await _blocked_xreads(async_redis, key_prefix)
         if now and shared not in now:
             break
     assert len(now) == 1 and shared not in now
@@ -354,3 +349,21 @@ async def test_shared_read_survives_a_dropped_connection(aclient: AsyncHelixClie
     assert await asyncio.wait_for(b, timeout=2) == [0, 1]
     await event("a", _done(1))
     assert await asyncio.wait_for(a, timeout=2) == [0, 1]
+
+
+async def test_a_slow_consumer_still_gets_the_terminal_event(aclient: AsyncHelixClient,
+                                                            async_redis, key_prefix: str) -> None:
+    """The shared read runs ahead of a consumer that is slow between events: the events it
+    queued, the terminal one included, are all delivered, in order."""
+    key = out_key("slow", key_prefix)
+    await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "a", [1])))
+    seen: list[int] = []
+    async for event in aclient.stream("slow", timeout_s=30):
+        seen.append(event.seq)
+        if event.seq == 0:  # read alone; what follows comes through the shared read
+            await async_redis.xadd(key, encode_event(TokenEvent(1, 1, 1, "b", [2])))
+        if event.seq == 1:  # the rest arrives in another reply while we dawdle
+            await async_redis.xadd(key, encode_event(TokenEvent(2, 1, 2, "c", [3])))
+            await async_redis.xadd(key, encode_event(_done(3)))
+            await asyncio.sleep(0.3)
+    assert seen == [0, 1, 2, 3]
