@@ -70,8 +70,9 @@ class StepCostModel:
             self.a = max(st / w - self.b * sn / w, 1e-9)
 
 
-PROBE_EVERY = 32  # steps between plain probes; first gap between probes of a losing drafter
-MAX_PROBE_GAP = 512
+PROBE_EVERY = 32  # first gap between plain probes, and between probes of a losing drafter
+MAX_PROBE_GAP = 512  # the longest gap between probes of a losing drafter
+MAX_PLAIN_GAP = 256  # the longest gap between plain probes while drafting keeps winning
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ class DraftingRecord:
     last_plain: int = 0  # step counts at the last sample of each arm
     last_draft: int = 0
     draft_probe_every: int = PROBE_EVERY  # while drafting loses: doubles after each probe
+    plain_probe_every: int = PROBE_EVERY  # while drafting wins: doubles after each plain probe
     probe_steps_left: int = 0  # a probe drafts twice: not only the catch-up resuming costs
 
     def observe(self, drafted: bool, rate: float) -> None:
@@ -107,12 +109,20 @@ class DraftingRecord:
             if self.steps - self.last_draft < self.draft_probe_every:
                 return False
             self.draft_probe_every = min(2 * self.draft_probe_every, MAX_PROBE_GAP)
+            self.plain_probe_every = PROBE_EVERY
             self.probe_steps_left = 1
             return True
         self.draft_probe_every = PROBE_EVERY
-        plain_due = self.steps - self.last_plain >= PROBE_EVERY or \
-            (self.plain_rate is None and self.steps > 2)
-        return not plain_due
+        if self.plain_rate is None:
+            return self.steps <= 2  # a first plain sample, soon
+        if self.steps - self.last_plain < self.plain_probe_every:
+            return True
+        # Drafting has won since the last plain step: each plain probe costs the tokens a
+        # drafted step would have made, so they get rarer while the verdict holds. A stale
+        # plain rate errs safe: should plain decoding have got faster, drafting is judged to
+        # lose and plain steps are measured again.
+        self.plain_probe_every = min(2 * self.plain_probe_every, MAX_PLAIN_GAP)
+        return False
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -126,7 +136,8 @@ class AdaptiveDraftPolicy:
     two) it keeps the realised tokens per second per sequence of steps with and without drafts,
     from decode-only steps. Where drafting realised less, drafting stops there but for probes
     ever further apart (``PROBE_EVERY`` doubling up to ``MAX_PROBE_GAP`` steps); where it
-    realised more, a plain step every ``PROBE_EVERY`` keeps the comparison fresh. (Predicted
+    realised more, plain probes keep the comparison fresh, ever further apart while drafting
+    keeps winning (``PROBE_EVERY`` doubling up to ``MAX_PLAIN_GAP``). (Predicted
     costs alone mislead where the verify cost is not flat: a CPU whose 2- and 3-row matrix
     multiplies cost 2-3x one row kept drafting at 0.86-0.89x plain speed at batches 16 and 64.)
     """

@@ -99,11 +99,27 @@ def test_outcomes_overrule_costs_when_drafting_realises_less() -> None:
 
 def test_outcomes_keep_drafting_that_pays() -> None:
     """When drafted steps realise more tokens per second, the policy keeps drafting and only
-    takes a plain step now and then to keep that comparison fresh."""
+    takes a plain step now and then to keep that comparison fresh, ever more rarely while
+    drafting keeps winning (32, 64, 128, then every 256 steps)."""
     policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
-    drafted = _drafting_steps(policy, draft_rate=60.0, plain_rate=40.0, steps=200)
-    recent = drafted[-4 * AdaptiveDraftPolicy.PROBE_EVERY:]
-    assert len(recent) - sum(recent) <= 4
+    drafted = _drafting_steps(policy, draft_rate=60.0, plain_rate=40.0, steps=1500)
+    plain = [i for i, d in enumerate(drafted) if not d]
+    gaps = [b - a for a, b in zip(plain, plain[1:])]
+    assert gaps[:3] == [32, 64, 128] and set(gaps[3:]) == {256}
+
+
+def test_plain_probes_come_back_often_once_drafting_loses() -> None:
+    """After a long winning spell (plain probes 256 steps apart), drafting starts to lose: the
+    policy notices at the next plain probe and stops drafting; once drafting wins again, plain
+    probes start over at every 32 steps instead of trusting the old verdict for 256."""
+    policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
+    _drafting_steps(policy, draft_rate=60.0, plain_rate=40.0, steps=1000)
+    losing = _drafting_steps(policy, draft_rate=20.0, plain_rate=40.0, steps=1000)
+    assert sum(losing[-500:]) <= 4  # only probes draft now
+    winning = _drafting_steps(policy, draft_rate=60.0, plain_rate=40.0, steps=1200)
+    resumed = next(i for i in range(len(winning) - 3) if all(winning[i:i + 3]))
+    plain = [i for i, d in enumerate(winning) if not d and i > resumed]
+    assert plain[0] - resumed <= 32 and plain[1] - plain[0] == 64  # the gaps start over
 
 
 def test_a_draft_catch_up_step_is_not_counted_as_drafting_speed() -> None:
