@@ -17,17 +17,28 @@ from redis.utils import HIREDIS_AVAILABLE
 if HIREDIS_AVAILABLE:
     from redis.connection import HiredisRespSerializer
 
+    _SERIALIZER = HiredisRespSerializer()
+
     class HiredisPackedConnection(aioredis.Connection):
         """An asyncio TCP connection that packs with hiredis (the parser already does)."""
 
-        _serializer = HiredisRespSerializer()
+        def pack_command(self, *args: Any) -> list[bytes]:
+            return _SERIALIZER.pack(*args)
+
+    class HiredisPackedUnixConnection(aioredis.UnixDomainSocketConnection):
+        """The same over a Unix socket (``unix://`` URLs: a daemon on Redis's own machine)."""
 
         def pack_command(self, *args: Any) -> list[bytes]:
-            return self._serializer.pack(*args)
+            return _SERIALIZER.pack(*args)
 
 
 def async_redis(url: str, **kwargs: Any) -> aioredis.Redis:
-    """``redis.asyncio.Redis.from_url`` with the faster packer for plain ``redis://`` URLs."""
+    """``redis.asyncio.Redis.from_url`` with the faster packer for ``redis://`` and ``unix://``."""
     if HIREDIS_AVAILABLE and url.startswith("redis://"):
         kwargs.setdefault("connection_class", HiredisPackedConnection)
-    return aioredis.Redis.from_url(url, **kwargs)
+    client = aioredis.Redis.from_url(url, **kwargs)
+    pool = client.connection_pool
+    if HIREDIS_AVAILABLE and pool.connection_class is aioredis.UnixDomainSocketConnection:
+        # from_url lets a unix:// URL's own class win over a connection_class argument
+        pool.connection_class = HiredisPackedUnixConnection
+    return client

@@ -367,3 +367,49 @@ async def test_a_slow_consumer_still_gets_the_terminal_event(aclient: AsyncHelix
             await async_redis.xadd(key, encode_event(_done(3)))
             await asyncio.sleep(0.3)
     assert seen == [0, 1, 2, 3]
+
+
+@pytest.fixture
+def unix_redis(tmp_path):
+    """A private redis-server listening on a Unix socket only (port 0: no TCP)."""
+    import shutil
+    import subprocess
+
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(sock),
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert time.monotonic() < deadline, "redis-server did not open its socket"
+        time.sleep(0.05)
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_unix_socket_urls_carry_the_whole_protocol(unix_redis: str) -> None:
+    """A ``unix://`` URL gets the hiredis packer too (from_url would otherwise pick its own
+    connection class), and a submit, a fenced claim and append, and a followed stream all work
+    over it."""
+    from helix_daemon.redis_conn import HiredisPackedUnixConnection, async_redis
+    from helix_daemon.store import Append, Store
+
+    client = AsyncHelixClient.from_url(unix_redis, prefix="ux")
+    raw = async_redis(unix_redis)
+    try:
+        assert client.redis.connection_pool.connection_class is HiredisPackedUnixConnection
+        rid = await client.submit("hi", max_tokens=2)
+        store = Store(raw, prefix="ux", queue="default", daemon_id="d", lease_ms=60_000)
+        claim = await store.claim(rid, "1-0", now_ms=1, created_ms=1, max_attempts=3,
+                                  result_ttl_ms=60_000)
+        ops = [Append(rid, "d", TokenEvent(0, claim.epoch, 0, "ok", [5]), 0, 1, 60_000),
+               Append(rid, "d", _done(1, att=claim.epoch), 1, 1, 60_000,
+                      terminal_state="done", finish_reason="length")]
+        assert await store.append_many(ops, now_ms=2) == ["ok", "ok"]
+        result = await client.result(rid, timeout_s=10)
+        assert result.ok and result.text == "ok" and result.token_ids == [5]
+    finally:
+        await client.aclose()
+        await raw.aclose()
