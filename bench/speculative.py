@@ -228,11 +228,12 @@ def run_hf(method: str, work: Workload, **generate_kw: Any) -> Run:
 # -- report -----------------------------------------------------------------------------------
 
 
-def theoretical_speedup(alpha: float, k: float, c: float) -> float:
-    """Leviathan et al.: expected tokens per step over the step's cost in target steps."""
+def theoretical_speedup(alpha: float, k: float, c: float, v: float = 1.0) -> float:
+    """Leviathan et al.: expected tokens per step over the step's cost in target steps, with a
+    verify forward costing ``v`` plain ones (the classic formula takes v = 1)."""
     if alpha >= 1.0:
-        return (k + 1) / (1 + k * c)
-    return (1 - alpha ** (k + 1)) / ((1 - alpha) * (1 + k * c))
+        return (k + 1) / (v + k * c)
+    return (1 - alpha ** (k + 1)) / ((1 - alpha) * (v + k * c))
 
 
 def summarise(run: Run, plain: Run | None, reference: list[list[int]]) -> dict[str, Any]:
@@ -269,9 +270,8 @@ def _verify_cost(run: Run, plain: Run | None, c: float) -> dict[str, Any]:
     if not one or not verify:
         return {}
     v = verify / one
-    alpha, k = run.alpha or 0.0, run.mean_k
-    tokens = (k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return {"verify_cost": v, "theory_with_verify_cost": tokens / (v + k * c)}
+    return {"verify_cost": v,
+            "theory_with_verify_cost": theoretical_speedup(run.alpha or 0.0, run.mean_k, c, v)}
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -138,10 +138,11 @@ class StreamReader:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def block_ms(self) -> int:
-        if self._deadline is None:
+        left = self.seconds_left()
+        if left is None:
             return self._block_ms
         # XREAD BLOCK 0 means "forever": never hand it a zero left over from rounding.
-        return max(1, min(self._block_ms, int((self._deadline - time.monotonic()) * 1000)))
+        return max(1, min(self._block_ms, int(left * 1000)))
 
     def take(self, reply: Any) -> list[Event]:
         """The new events of one XREAD reply, in order; raises TimeoutError past the deadline
@@ -339,7 +340,7 @@ class AsyncHelixClient:
         if reader.finished:
             return
         if not self._mux.is_following(key):  # the usual case: one shared XREAD for all streams
-            async for event in self._mux.follow(key, reader, block_ms, reader.seconds_left()):
+            async for event in self._mux.follow(key, reader):
                 yield event
             return
         async for event in self._read_alone(key, reader):  # a second reader of one stream

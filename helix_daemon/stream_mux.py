@@ -36,7 +36,6 @@ _MAX_READ_RETRIES = 3
 @dataclass
 class _Follower:
     reader: StreamReader
-    block_ms: int
     inbox: asyncio.Queue[list[Event] | BaseException] = field(default_factory=asyncio.Queue)
 
 
@@ -58,19 +57,19 @@ class StreamMux:
     def is_following(self, key: str) -> bool:
         return key in self._followers
 
-    async def follow(self, key: str, reader: StreamReader, block_ms: int,
-                     timeout_s: float | None) -> AsyncIterator[Event]:
+    async def follow(self, key: str, reader: StreamReader) -> AsyncIterator[Event]:
         """Yield the events of ``key`` that ``reader`` lets through, up to the terminal one.
 
-        Raises TimeoutError when ``timeout_s`` passes before the terminal event, and whatever
-        the shared read raised (a lost connection, a gap that persists).
+        Raises TimeoutError when the reader's deadline passes before the terminal event, and
+        whatever the shared read raised (a lost connection, a gap that persists).
         """
         if self._closed:
             raise redis.ConnectionError("the client was closed")
-        follower = _Follower(reader, block_ms)
+        follower = _Follower(reader)
         self._followers[key] = follower
         self._ensure_reading()
         # One timer for the whole stream (a wait_for per event would cost a task each time).
+        timeout_s = reader.seconds_left()
         timer = None if timeout_s is None else asyncio.get_running_loop().call_later(
             timeout_s, follower.inbox.put_nowait,
             TimeoutError(f"no terminal event for request {reader.request_id!r} in time"))
@@ -169,7 +168,7 @@ class StreamMux:
 
     async def _read(self, conn: aioredis.Redis, max_block_ms: int) -> Any:
         streams = {key: f.reader.last_id for key, f in self._followers.items()}
-        block_ms = min([f.block_ms for f in self._followers.values()] + [max_block_ms])
+        block_ms = min([f.reader.block_ms() for f in self._followers.values()] + [max_block_ms])
         self._read_no += 1
         self._blocked, self._wake_sent = True, False
         try:
