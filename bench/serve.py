@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -160,7 +161,7 @@ async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
         if remaining == 0:
             all_done.set()
 
-    worker = EngineWorker(engine, asyncio.get_running_loop(), deliver)
+    worker = EngineWorker.on_loop(engine, asyncio.get_running_loop(), deliver)
     worker.start()
     t0 = time.perf_counter()
     try:
@@ -179,21 +180,36 @@ async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
 # --- Redis path ----------------------------------------------------------------------------
 
 
-async def run_redis(engine: Any, jobs: list[Job], url: str, prefix: str) -> dict[str, float]:
+def daemon_template(engine: Any, url: str, engine_process: bool,
+                    torch_threads: int | None) -> Any:
+    """The daemon's settings: the in-process engine's model, pool and batch, on ``url``."""
+    from helix_daemon.config import DaemonConfig
+
+    c = engine.config
+    return DaemonConfig(model=c.model, draft=c.draft, device=c.device, redis_url=url,
+                        max_num_seqs=c.max_num_seqs, kv_cache_memory=str(KV_CACHE_BYTES),
+                        torch_threads=torch_threads, engine_process=engine_process)
+
+
+async def run_redis(engine: Any, jobs: list[Job], template: Any, prefix: str
+                    ) -> dict[str, float]:
     """Same jobs through the queue: client XADD -> daemon -> out streams -> XREAD.
 
     The client (producers and reader) runs in its own process, as real clients do: in this
-    process it would compete with the engine thread for the GIL and bill that to Redis.
+    process it would compete with the engine thread for the GIL and bill that to Redis. The
+    daemon runs the engine in its engine process (loaded from the same folder) or, with
+    ``template.engine_process`` off, the in-process path's engine in a thread.
     """
-    from helix_daemon.config import DaemonConfig
     from helix_daemon.daemon import Daemon, redis_client
 
-    config = DaemonConfig(model="bench", redis_url=url, key_prefix=prefix,
-                          daemon_id=f"bench-{uuid.uuid4().hex[:6]}",
-                          max_num_seqs=engine.config.max_num_seqs)
+    config = dataclasses.replace(template, key_prefix=prefix,
+                                 daemon_id=f"bench-{uuid.uuid4().hex[:6]}")
+    url = config.redis_url
     daemon_conn = redis_client(url)
-    daemon = Daemon(config, engine, daemon_conn)
+    daemon = Daemon(config, None if config.engine_process else engine, daemon_conn)
     served = asyncio.create_task(daemon.run())
+    await asyncio.wait([served, asyncio.create_task(daemon.ready.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=client_process, args=(jobs, url, prefix, theirs), daemon=True)
@@ -243,6 +259,9 @@ async def drive_client(jobs: list[Job], url: str, prefix: str) -> dict[str, floa
         # Open the connections before the clock starts, as a long-lived client would have: one
         # per concurrent submit (each new connection also costs redis-py a CLIENT SETINFO).
         await asyncio.gather(*(client.redis.ping() for _ in range(min(len(jobs), 256))))
+        # A daemon that has served before: its engine's first forwards are not measured.
+        warm = [await client.submit(**{**job.body, "max_tokens": 2}) for job in jobs[:4]]
+        await asyncio.gather(*(client.result(rid, timeout_s=600) for rid in warm))
         t0, cpu0 = time.perf_counter(), time.process_time()
         tasks = []
         for job, trace in zip(jobs, traces):
@@ -303,6 +322,7 @@ async def write_capacity(url: str, num_requests: int = 64, num_steps: int = 200)
 
 # Built-in random Llamas: "tiny" is Python-bound (Redis is the largest share of its time it can
 # be), "small" spends most of a step in matrix multiplies, as real models do.
+KV_CACHE_BYTES = 256 << 20
 MODEL_SIZES = {"tiny": {"hidden_size": 128, "num_layers": 2},
                "small": {"hidden_size": 512, "num_layers": 8}}
 
@@ -316,11 +336,13 @@ def load_engine(model: str | None, draft: str, max_num_seqs: int, workdir: Path,
 
         model = str(build_tiny_model(workdir / f"{size}-llama", **MODEL_SIZES[size]))
     return Engine.from_config(EngineConfig(model=model, draft=draft, device="auto",
-                                           max_num_seqs=max_num_seqs, kv_cache_memory=256 << 20))
+                                           max_num_seqs=max_num_seqs,
+                                           kv_cache_memory=KV_CACHE_BYTES))
 
 
 async def bench(args: argparse.Namespace, engine: Any, url: str) -> list[dict[str, Any]]:
     vocab = len(engine.tokenizer)
+    template = daemon_template(engine, url, args.engine == "process", args.torch_threads)
     # Warm-up: first forwards allocate and compile kernels; keep them out of the numbers.
     await run_inproc(engine, make_workload(4, math.inf, vocab, seed=99))
     rows = []
@@ -333,7 +355,7 @@ async def bench(args: argparse.Namespace, engine: Any, url: str) -> list[dict[st
                 if path == "inproc":
                     inproc.append(await run_inproc(engine, jobs))
                 else:
-                    via_redis.append(await _run_redis_clean(engine, jobs, url))
+                    via_redis.append(await _run_redis_clean(engine, jobs, template))
         row = {"rate": "inf" if math.isinf(rate) else rate, "inproc": _median(inproc),
                "redis": _median(via_redis), "repeats": {"inproc": inproc, "redis": via_redis},
                "load_avg_1m": _load_avg()}
@@ -343,12 +365,12 @@ async def bench(args: argparse.Namespace, engine: Any, url: str) -> list[dict[st
     return rows
 
 
-async def _run_redis_clean(engine: Any, jobs: list[Job], url: str) -> dict[str, float]:
+async def _run_redis_clean(engine: Any, jobs: list[Job], template: Any) -> dict[str, float]:
     prefix = f"helixbench-{uuid.uuid4().hex[:8]}"
     try:
-        return await run_redis(engine, jobs, url, prefix)
+        return await run_redis(engine, jobs, template, prefix)
     finally:
-        await _delete_prefix(url, prefix)
+        await _delete_prefix(template.redis_url, prefix)
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -413,6 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch kernel threads for both paths (the daemon's --torch-threads);"
                              " default: 1 for the tiny model, else one fewer than the cores")
+    parser.add_argument("--engine", choices=("process", "thread"), default="process",
+                        help="where the daemon runs its engine (the daemon's default: process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per path and rate; medians are reported (default 3, quick 2)")

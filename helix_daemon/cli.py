@@ -109,6 +109,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="most draft tokens per sequence and step (default 4)")
     p.add_argument("--torch-threads", type=int,
                    help="CPU threads for torch's kernels (default: torch's, one per core)")
+    p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
+                   help="run the engine in a thread of the daemon instead of its own process")
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
@@ -191,7 +193,7 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> Any:
         "max_waiting": args.max_waiting,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_speculative_tokens": args.num_speculative_tokens,
-        "torch_threads": args.torch_threads,
+        "torch_threads": args.torch_threads, "engine_process": args.engine_process,
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),
@@ -551,7 +553,7 @@ async def _demo(args: argparse.Namespace, url: str, prefix: str, target: str,
                           kv_cache_memory=args.kv_cache_memory, heartbeat_interval_s=0.5)
     async with AsyncHelixClient.from_url(url, prefix=prefix, queue=args.queue) as client:
         log_path = args.cache_dir / "daemon.log" if args.subprocess else None
-        stop_daemon, engine = await _start_daemon(config, log_path)
+        stop_daemon, engine_stats = await _start_daemon(config, log_path)
         sampler = _HeartbeatSampler(client, config.daemon_id)
         try:
             await _wait_heartbeat(client, config.daemon_id, timeout_s=120)
@@ -563,22 +565,24 @@ async def _demo(args: argparse.Namespace, url: str, prefix: str, target: str,
             sampling.cancel()
         finally:
             await stop_daemon()
-    if engine is not None:  # in-process: exact counters instead of sampled heartbeats
-        sampler.read_engine(engine.stats())
+    stats = engine_stats()
+    if stats is not None:  # the daemon ran here: exact counters instead of sampled heartbeats
+        sampler.read_engine(stats)
     print(format_demo_summary(report, sampler), flush=True)
     return 1 if report.failed else 0
 
 
-async def _start_daemon(config: Any, log_path: Path | None) -> tuple[Callable[[], Any], Any]:
+async def _start_daemon(config: Any, log_path: Path | None
+                        ) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """Start the daemon (task or ``helix serve`` child); return an async function stopping it,
-    and the engine when it runs in this process. ``log_path`` set = subprocess mode."""
+    and one giving its engine's last stats (None from a child). ``log_path`` set = subprocess
+    mode."""
     if log_path is not None:
-        return await _start_daemon_process(config, log_path), None
-    from helix_daemon.daemon import Daemon, build_engine, redis_client
+        return await _start_daemon_process(config, log_path), lambda: None
+    from helix_daemon.daemon import Daemon, redis_client
 
-    engine = await asyncio.to_thread(build_engine, config)
     redis_conn = redis_client(config.redis_url)
-    daemon = Daemon(config, engine, redis_conn)
+    daemon = Daemon(config, None, redis_conn)  # the engine loads in its own process
     task = asyncio.create_task(daemon.run())
 
     async def stop() -> None:
@@ -588,7 +592,7 @@ async def _start_daemon(config: Any, log_path: Path | None) -> tuple[Callable[[]
         finally:
             await redis_conn.aclose()
 
-    return stop, engine
+    return stop, lambda: daemon.engine_stats
 
 
 async def _start_daemon_process(config: Any, log_path: Path) -> Callable[[], Any]:

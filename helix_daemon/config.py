@@ -43,6 +43,9 @@ class DaemonConfig:
     max_num_batched_tokens: int = 1024  # tokens per step: bounds a prefill chunk's stall
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step (adaptive below)
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
+    # Run the engine in a child process, so its Python never waits for the event loop's GIL
+    # (False: a thread of the daemon, as when a caller hands the daemon a built engine).
+    engine_process: bool = True
     metrics_port: int = 0  # 0 = no HTTP metrics endpoint
     result_ttl_s: int = 3600
     lease_ms: int = 30_000  # an entry idle this long is taken over by another daemon

@@ -1,6 +1,7 @@
 """The asyncio daemon: pull requests from a Redis stream, stream tokens back, survive failures.
 
-Tasks (one event loop) around one engine thread (``EngineWorker``):
+Tasks (one event loop) around one engine, in a process of its own (``EngineProcess``, the
+default) or in a thread of the daemon (``EngineWorker``, for an engine built by the caller):
 
 * intake: ``XREADGROUP >`` for as many entries as the engine can admit soon;
 * reclaim: ``XAUTOCLAIM`` entries whose owner stopped renewing its lease, and resume them;
@@ -30,6 +31,7 @@ import structlog
 from helix_daemon import protocol as p
 from helix_daemon.attempt import Attempt
 from helix_daemon.config import DaemonConfig
+from helix_daemon.engine_process import EngineProcess, EngineProcessError
 from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
 from helix_daemon.head_start import HeadStarts
 from helix_daemon.metrics import DaemonMetrics
@@ -51,6 +53,8 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
 
     def __init__(self, config: DaemonConfig, engine: Any, client: aioredis.Redis,
                  metrics: DaemonMetrics | None = None) -> None:
+        """``engine``: an ``Engine`` to run in a thread, or None to load ``config.model`` in an
+        engine process."""
         self.config = config
         self.engine = engine
         self.store = Store(client, prefix=config.key_prefix, queue=config.queue,
@@ -64,12 +68,13 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._flush_needed = asyncio.Event()
         self._slots_freed = asyncio.Event()
         self._stop = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the engine is loaded and intake has started
         # Set before background tasks are cancelled: a loop whose cancellation got turned into
         # a timeout inside a client library still ends.
         self._closing = False
         self._pulling = True  # intake and reclaim run until a stop is requested
         self._fatal: BaseException | None = None
-        self._worker: EngineWorker | None = None
+        self._worker: EngineWorker | EngineProcess | None = None
         self._head_starts: HeadStarts  # created with the worker, in _launch
         self._started_ms = now_ms()
         self._tokens_window = 0
@@ -86,26 +91,37 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._stop.set()
 
     async def run(self) -> int:
-        background, pulling = await self._launch()
+        try:
+            background, pulling = await self._launch()
+        except EngineProcessError as e:  # nothing was taken yet: say why and exit
+            self.log.error("engine failed to start", error=str(e))
+            return 1
         await self._stop.wait()
         await self._shutdown(background, pulling)
         return 0 if self._fatal is None else 1
 
     async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
-        self._worker = EngineWorker(self.engine, asyncio.get_running_loop(), self._on_step)
+        loop = asyncio.get_running_loop()
+        if self.engine is None:
+            self._worker = EngineProcess(self.config, loop, self._on_step)
+            await asyncio.to_thread(self._worker.start)  # loads the model
+        else:
+            self._worker = EngineWorker.on_loop(self.engine, loop, self._on_step)
+            self._worker.start()
         self._head_starts = HeadStarts(self._worker.add, self._worker.abort)
         await self._until_ok(self.store.ensure_group)
-        self._worker.start()
         self.metrics.start_http(self.config.metrics_port)
         background = [asyncio.create_task(c, name=c.__name__) for c in (
             self._flush_loop(), self._lease_loop(), self._cancel_listener())]
         await self._recover_own_entries()
         pulling = [asyncio.create_task(c, name=c.__name__)
                    for c in (self._intake_loop(), self._reclaim_loop())]
-        engine = self.engine
+        info = self._worker.info
         self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
-                      device=str(engine.device), kv_blocks=engine.allocator.num_blocks,
-                      kv_block_size=engine.config.block_size, kv_bytes=engine.kv_cache_bytes)
+                      engine=type(self._worker).__name__, device=info.device,
+                      kv_blocks=info.kv_blocks, kv_block_size=info.kv_block_size,
+                      kv_bytes=info.kv_bytes)
+        self.ready.set()
         return background, pulling
 
     async def _shutdown(self, background: list[asyncio.Task[None]],
@@ -153,7 +169,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
 
     def free_slots(self) -> int:
         """How many more requests the engine can admit soon (0 while the KV pool is full)."""
-        stats = self._worker.stats if self._worker else None
+        stats = self.engine_stats
         if stats is not None and stats.kv_blocks_total and \
                 stats.kv_blocks_used / stats.kv_blocks_total >= self.config.kv_high_watermark:
             return 0
@@ -474,8 +490,11 @@ def redis_client(url: str) -> aioredis.Redis:
 
 
 async def run_daemon(config: DaemonConfig, engine: Any = None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``Daemon.request_stop``); return the exit code."""
-    if engine is None:
+    """Serve until SIGTERM/SIGINT (or ``Daemon.request_stop``); return the exit code.
+
+    Without an ``engine``, the model is loaded in an engine process (``config.engine_process``)
+    or in this one."""
+    if engine is None and not config.engine_process:
         engine = await asyncio.to_thread(build_engine, config)
     client = redis_client(config.redis_url)
     daemon = Daemon(config, engine, client)

@@ -1,8 +1,10 @@
-"""The engine's own thread: commands in through a queue, step results out to the event loop.
+"""The engine's loop: commands in through a queue, one ``StepResult`` out per step.
 
-The engine is synchronous and not thread-safe, so exactly one thread touches it. The asyncio side
-never waits on a forward pass: it enqueues ``add``/``abort`` commands (drained at the top of each
-step) and receives one ``StepResult`` per step through ``loop.call_soon_threadsafe``.
+The engine is synchronous and not thread-safe, so exactly one thread touches it: a thread of the
+daemon (``EngineWorker.start``) or the main thread of an engine process (``engine_process.py``,
+``EngineWorker.run``). The asyncio side never waits on a forward pass: it enqueues
+``add``/``abort`` commands (drained at the top of each step) and gets every step's result through
+``publish``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from scheduler.errors import HelixRequestError
 from scheduler.params import RequestParams
 
-_IDLE_WAIT_S = 0.05  # how long an idle engine thread waits for a command before looking again
+_IDLE_WAIT_S = 0.05  # how long an idle engine waits for a command before looking again
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,9 @@ class AbortCommand:
     engine_id: str
 
 
+Command = AddCommand | AbortCommand | None  # None: stop
+
+
 @dataclass(slots=True)
 class StepResult:
     """Everything one iteration produced; ``rejected`` holds (engine_id, code, message)."""
@@ -44,21 +49,66 @@ class StepResult:
     fatal: BaseException | None = None
 
 
-class EngineWorker:
-    """Runs ``engine.step()`` in a dedicated thread while there is work."""
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the daemon logs and advertises about its engine, wherever the engine runs."""
 
-    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop,
-                 deliver: Callable[[StepResult], None]) -> None:
+    device: str
+    kv_blocks: int
+    kv_block_size: int
+    kv_bytes: int
+
+    @classmethod
+    def of(cls, engine: Any) -> EngineInfo:
+        return cls(device=str(engine.device), kv_blocks=engine.allocator.num_blocks,
+                   kv_block_size=engine.config.block_size, kv_bytes=engine.kv_cache_bytes)
+
+
+class CommandQueue(Protocol):
+    """``queue.SimpleQueue`` in a thread, ``multiprocessing.Queue`` across processes."""
+
+    def put(self, item: Command) -> None: ...
+    def get(self, block: bool = True, timeout: float | None = None) -> Command: ...
+    def get_nowait(self) -> Command: ...
+
+
+class StepClock(Protocol):
+    """When the running step started (0.0: none); shared memory when the engine is a process."""
+
+    value: float
+
+
+class _Clock:
+    value = 0.0
+
+
+def stalled(clock: StepClock, stall_s: float) -> bool:
+    """True while one step has been running longer than ``stall_s`` (a hung device)."""
+    started = clock.value
+    return started > 0.0 and time.monotonic() - started > stall_s
+
+
+class EngineWorker:
+    """Runs ``engine.step()`` while there is work and publishes each step's result."""
+
+    def __init__(self, engine: Any, publish: Callable[[StepResult], None],
+                 commands: CommandQueue | None = None, clock: StepClock | None = None) -> None:
         self.engine = engine
-        self._loop = loop
-        self._deliver = deliver
-        self._commands: queue.SimpleQueue[AddCommand | AbortCommand | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="helix-engine", daemon=True)
-        self._step_started: float | None = None
-        self.last_progress = time.monotonic()
+        self.info = EngineInfo.of(engine)
+        self._publish = publish
+        self._commands: CommandQueue = commands if commands is not None else queue.SimpleQueue()
+        self._clock: StepClock = clock if clock is not None else _Clock()
+        self._thread = threading.Thread(target=self.run, name="helix-engine", daemon=True)
         self.stats: Any = engine.stats()  # replaced (never mutated) after every iteration
 
+    @classmethod
+    def on_loop(cls, engine: Any, loop: asyncio.AbstractEventLoop,
+                deliver: Callable[[StepResult], None]) -> EngineWorker:
+        """A worker whose results are handed to ``deliver`` on the event loop."""
+        return cls(engine, lambda result: loop.call_soon_threadsafe(deliver, result))
+
     def start(self) -> None:
+        """Run the engine in a thread of its own."""
         self._thread.start()
 
     def add(self, command: AddCommand) -> None:
@@ -73,13 +123,13 @@ class EngineWorker:
             self._thread.join(timeout_s)
 
     def is_stalled(self, stall_s: float) -> bool:
-        """True while one step has been running longer than ``stall_s`` (a hung device)."""
-        started = self._step_started
-        return started is not None and time.monotonic() - started > stall_s
+        return stalled(self._clock, stall_s)
 
-    # --- engine thread ----------------------------------------------------------------------
+    # --- the engine's thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step until told to stop (or the engine breaks)."""
+        published = self.stats
         while True:
             result = StepResult()
             if not self._drain(result):
@@ -89,8 +139,11 @@ class EngineWorker:
                 result.stats = self.stats = self.engine.stats()
             except Exception as e:  # the engine itself broke: nothing more can run here
                 result.fatal = e
-            if result.outputs or result.rejected or result.fatal:
-                self._loop.call_soon_threadsafe(self._deliver, result)
+            # A step without outputs still counts when it changed the stats: an abort that
+            # freed KV blocks must reach a daemon that stopped pulling because the pool was full.
+            if result.outputs or result.rejected or result.fatal or result.stats != published:
+                published = result.stats
+                self._publish(result)
             if result.fatal:
                 return
 
@@ -122,11 +175,9 @@ class EngineWorker:
 
     def _step(self) -> list[Any]:
         if not self.engine.has_unfinished():
-            self.last_progress = time.monotonic()
             return []
-        self._step_started = time.monotonic()
+        self._clock.value = time.monotonic()
         try:
             return self.engine.step()
         finally:
-            self._step_started = None
-            self.last_progress = time.monotonic()
+            self._clock.value = 0.0

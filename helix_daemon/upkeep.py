@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -23,7 +22,6 @@ from helix_daemon.retry import REDIS_ERRORS, backoff, now_ms
 class UpkeepMixin(DaemonState):
     """Lease renewal, heartbeat, cancellation and deadline sweeps of one daemon."""
 
-    engine: Any
     client: aioredis.Redis
     _stall_s: float
     _spec: tuple[int, int]
@@ -57,14 +55,15 @@ class UpkeepMixin(DaemonState):
             await self.store.renew(ids)
 
     async def _heartbeat(self) -> None:
-        stats = self._worker.stats if self._worker else None
+        stats = self.engine_stats
         now = time.monotonic()
         window_s = max(now - self._window_start, 1e-3)
         self._window_start = now
         proposed, accepted = self._spec
         beat = p.Heartbeat(
             daemon_id=self.config.daemon_id, model=self.config.model,
-            device=str(getattr(self.engine, "device", self.config.device)),
+            device=self._worker.info.device if self._worker and self._worker.info
+            else self.config.device,
             queue=self.config.queue, pid=os.getpid(),
             running=getattr(stats, "num_running", 0), waiting=getattr(stats, "num_waiting", 0),
             kv_blocks_used=getattr(stats, "kv_blocks_used", 0),

@@ -157,10 +157,40 @@ def daemon_env(redis_url: str, prefix: str, queue: str, model: str, daemon_id: s
                                    model=model, daemon_id=daemon_id, device="cpu",
                                    dtype="float64", num_kv_blocks=256, log_json="true",
                                    lease_ms=1500, reclaim_interval_s=0.2,
-                                   heartbeat_interval_s=0.5)
+                                   heartbeat_interval_s=0.5,
+                                   # an engine thread starts in a fraction of an engine
+                                   # process's seconds; tests of the process ask for it
+                                   engine_process="false")
     base.update(settings)
     env.update({f"HELIX_{k.upper()}": str(v) for k, v in base.items()})
     return env
+
+
+def engine_process_of(daemon_pid: int) -> int:
+    """Pid of a daemon's engine process (Linux ``/proc``): its spawned child."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        # the field after the parenthesised command name: state, then the parent's pid
+        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    assert len(found) == 1, f"daemon {daemon_pid} has engine processes {found}"
+    return found[0]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class DaemonProcess:
@@ -233,7 +263,7 @@ class ThreadDaemon:
         return self
 
     def kv_blocks_used(self) -> int:
-        return self.daemon._worker.stats.kv_blocks_used
+        return self.daemon.engine_stats.kv_blocks_used
 
     def stop(self, timeout_s: float = 30) -> int | None:
         """Stop like SIGTERM; a daemon that does not stop in time fails the test loudly."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import threading
 import time
@@ -24,8 +25,10 @@ from tests.daemon_harness import (
     base_env,
     check_stream,
     daemon_env,
+    engine_process_of,
     enqueue,
     greedy_reference,
+    pid_alive,
     read_result,
     wait_all_finished,
     wait_until,
@@ -181,13 +184,15 @@ def test_kill_9_mid_stream_twenty_times(spawn, sync_redis, key_prefix, redis_url
         assert check_stream(seen).ids == reference(max_tokens)[ids.index(rid)][0]
 
 
-def test_sigstopped_daemon_is_fenced_after_takeover(spawn, sync_redis, key_prefix,
-                                                    reference) -> None:
+@pytest.mark.parametrize("engine_process", ["false", "true"])
+def test_sigstopped_daemon_is_fenced_after_takeover(spawn, sync_redis, key_prefix, reference,
+                                                    engine_process) -> None:
     """A daemon paused past its lease loses the job; after SIGCONT its late writes are refused
-    (it drops the sequence) and the stream stays exactly the uninterrupted run."""
+    (it drops the sequence) and the stream stays exactly the uninterrupted run. With an engine
+    process, that process is not paused: it runs on until its results back up."""
     max_tokens = 600
     ids = submit(sync_redis, key_prefix, max_tokens, "s")
-    paused = spawn("s0")
+    paused = spawn("s0", engine_process=engine_process)
     wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "s0") for r in ids), 60,
                "s0 streaming")
     # pause first, then start the taker: s0 cannot finish the jobs while s1 is starting
@@ -209,22 +214,71 @@ def test_sigstopped_daemon_is_fenced_after_takeover(spawn, sync_redis, key_prefi
 
 def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_model_path,
                                        tmp_path, reference) -> None:
-    """``python -m helix_daemon.daemon`` under SIGTERM lets running jobs finish (drain) and
-    exits 0; nothing is left pending and its heartbeat is gone."""
+    """``python -m helix_daemon.daemon`` with its default engine process, under SIGTERM, lets
+    running jobs finish (drain) and exits 0 with its engine process; nothing is left pending
+    and its heartbeat is gone."""
     ids = submit(sync_redis, key_prefix, 300, "t")
     env = daemon_env(redis_url, key_prefix, QUEUE, str(tiny_model_path), "t0",
                      drain_timeout_s=60)
+    del env["HELIX_ENGINE_PROCESS"]  # the product's default
     daemon = DaemonProcess(env, tmp_path / "t0.log")
     wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "t0") for r in ids), 60,
                "t0 streaming")
+    engine = engine_process_of(daemon.pid)
     daemon.signal(signal.SIGTERM)
     try:
         assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
     finally:
         daemon.close()
+    assert not pid_alive(engine)
     assert assert_matches_reference(sync_redis, key_prefix, ids, reference(300)) == {1}
     assert sync_redis.xpending(p.queue_key(QUEUE, key_prefix), p.GROUP)["pending"] == 0
     assert not sync_redis.exists(p.daemon_key("t0", key_prefix))
+
+
+def test_engine_that_cannot_load_ends_the_daemon_with_its_reason(zygote, redis_url, key_prefix,
+                                                                 tmp_path) -> None:
+    """A model folder that is not there: the engine process reports the loader's error, and the
+    daemon logs it and exits 1 instead of serving nothing."""
+    env = daemon_env(redis_url, key_prefix, QUEUE, str(tmp_path / "no-such-model"), "n0",
+                     engine_process="true")
+    daemon = zygote.spawn(env, tmp_path / "n0.log")
+    assert daemon.wait(60) == 1
+    log = daemon.log_text()
+    assert "engine failed to start" in log and "no-such-model" in log, log[-2000:]
+
+
+def test_engine_process_exits_with_its_killed_daemon(spawn, sync_redis, key_prefix,
+                                                     reference) -> None:
+    """kill -9 of a daemon whose engine runs in its own process: the orphaned engine process
+    notices and exits by itself (freeing its memory), and another daemon resumes every job
+    exactly."""
+    ids = submit(sync_redis, key_prefix, 600, "e")
+    first = spawn("e0", engine_process="true")
+    wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "e0") for r in ids), 60,
+               "e0 streaming")
+    engine = engine_process_of(first.pid)
+    first.kill()
+    wait_until(lambda: not pid_alive(engine), 10, "the orphaned engine process to exit")
+    spawn("e1")
+    wait_all_finished(sync_redis, key_prefix, ids, 60)
+    assert assert_matches_reference(sync_redis, key_prefix, ids, reference(600)) == {1, 2}
+
+
+def test_daemon_exits_when_its_engine_process_dies(spawn, sync_redis, key_prefix,
+                                                   reference) -> None:
+    """kill -9 of the engine process mid-stream: the daemon says so and exits 1 (for its
+    supervisor to restart it) instead of hanging, and another daemon resumes every job."""
+    ids = submit(sync_redis, key_prefix, 600, "d")
+    first = spawn("d0", engine_process="true")
+    wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "d0") for r in ids), 60,
+               "d0 streaming")
+    os.kill(engine_process_of(first.pid), signal.SIGKILL)
+    assert first.wait(30) == 1
+    assert "engine process died" in first.log_text()
+    spawn("d1")
+    wait_all_finished(sync_redis, key_prefix, ids, 60)
+    assert assert_matches_reference(sync_redis, key_prefix, ids, reference(600)) == {1, 2}
 
 
 def test_sigterm_hands_unfinished_jobs_back_at_once(spawn, sync_redis, key_prefix,

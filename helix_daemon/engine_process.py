@@ -1,0 +1,146 @@
+"""The engine in a process of its own, behind the same interface as ``EngineWorker``.
+
+In one process the engine's Python (scheduling, sampling, detokenising: most of a step for a
+small model) and the event loop's Redis work take turns on one GIL, so every event written
+lengthens a step. Here they run in parallel, as vLLM's engine core does: commands go to the
+child through a ``multiprocessing.Queue`` (its feeder thread pickles, so ``add`` never blocks
+the loop), step results come back through a pipe that a reader thread hands to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from helix_daemon.config import DaemonConfig
+from helix_daemon.engine_worker import (
+    AbortCommand,
+    AddCommand,
+    EngineInfo,
+    EngineWorker,
+    StepResult,
+    stalled,
+)
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process failed to start, or died."""
+
+
+class EngineProcess:
+    """Starts ``build_engine(config)`` in a spawned child; ``start()`` blocks until it is loaded."""
+
+    def __init__(self, config: DaemonConfig, loop: asyncio.AbstractEventLoop,
+                 deliver: Callable[[StepResult], None]) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        # spawn, not fork: a forked copy of a process holding torch's and the loop's threads
+        # can deadlock, and spawn is what macOS and Windows have anyway.
+        ctx = multiprocessing.get_context("spawn")
+        self._commands = ctx.Queue()
+        self._results, child_results = ctx.Pipe(duplex=False)
+        self._clock = ctx.RawValue("d", 0.0)  # the running step's start, 0.0 = none
+        self._process = ctx.Process(target=_child_main, name="helix-engine", daemon=True,
+                                    args=(config, self._commands, child_results, self._clock))
+        self._child_results = child_results
+        self._reader = threading.Thread(target=self._read, name="helix-engine-reader",
+                                        daemon=True)
+        self._stopping = False
+        self.info: EngineInfo | None = None
+        self.stats: Any = None
+
+    def start(self) -> None:
+        """Spawn the child and wait until its model is loaded (slow: call off the loop)."""
+        self._process.start()
+        self._child_results.close()  # so recv() sees EOF when the child dies
+        try:
+            hello = self._results.recv()
+        except EOFError:
+            self._process.join(5)
+            raise EngineProcessError(
+                f"engine process exited while loading (exit code {self._process.exitcode})"
+            ) from None
+        if isinstance(hello, BaseException):
+            self._process.join(5)
+            raise EngineProcessError(f"engine failed to load: {hello}") from hello
+        self.info, self.stats = hello
+        self._reader.start()
+
+    def add(self, command: AddCommand) -> None:
+        self._commands.put(command)
+
+    def abort(self, engine_id: str) -> None:
+        self._commands.put(AbortCommand(engine_id))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._reader.join(5)
+        self._commands.close()
+
+    def is_stalled(self, stall_s: float) -> bool:
+        return stalled(self._clock, stall_s)
+
+    def _read(self) -> None:
+        """Reader thread: hand each step's result to the loop; a vanished child is fatal."""
+        while True:
+            try:
+                result: StepResult = self._results.recv()
+            except (EOFError, OSError):
+                if self._stopping:
+                    return
+                self._process.join(5)
+                code = self._process.exitcode
+                result = StepResult(fatal=EngineProcessError(
+                    f"engine process died (exit code {code})"))
+            if result.stats is not None:
+                self.stats = result.stats
+            self._loop.call_soon_threadsafe(self._deliver, result)
+            if result.fatal is not None:
+                return
+
+
+def _child_main(config: DaemonConfig, commands: Any,
+                results: multiprocessing.connection.Connection, clock: Any) -> None:
+    """The engine process: load the model, then step until told to stop."""
+    # Ctrl-C reaches the whole process group; the daemon decides when its engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+    from helix_daemon.daemon import build_engine
+
+    try:
+        engine = build_engine(config)
+    except Exception as e:  # the daemon reports it and exits
+        results.send(EngineProcessError(f"{type(e).__name__}: {e}"))
+        return
+    results.send((EngineInfo.of(engine), engine.stats()))
+
+    def publish(result: StepResult) -> None:
+        if result.fatal is not None:  # not every exception pickles
+            result.fatal = EngineProcessError(f"{type(result.fatal).__name__}: {result.fatal}")
+        results.send(result)
+
+    EngineWorker(engine, publish, commands=commands, clock=clock).run()
+
+
+def _exit_with_parent() -> None:
+    """A daemon killed with SIGKILL cannot stop its engine: the engine notices and exits."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="helix-parent-watch", daemon=True).start()
