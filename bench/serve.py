@@ -208,8 +208,12 @@ async def run_redis(engine: Any, jobs: list[Job], template: Any, prefix: str
     daemon_conn = redis_client(url)
     daemon = Daemon(config, None if config.engine_process else engine, daemon_conn)
     served = asyncio.create_task(daemon.run())
-    await asyncio.wait([served, asyncio.create_task(daemon.ready.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait([served, ready], return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        await daemon_conn.aclose()
+        raise RuntimeError(f"daemon did not start (exit code {served.result()})")
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=client_process, args=(jobs, url, prefix, theirs), daemon=True)

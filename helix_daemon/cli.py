@@ -553,6 +553,7 @@ async def _demo(args: argparse.Namespace, url: str, prefix: str, target: str,
                           kv_cache_memory=args.kv_cache_memory, heartbeat_interval_s=0.5)
     async with AsyncHelixClient.from_url(url, prefix=prefix, queue=args.queue) as client:
         log_path = args.cache_dir / "daemon.log" if args.subprocess else None
+        print("waiting for the daemon to load the model...", flush=True)
         stop_daemon, engine_stats = await _start_daemon(config, log_path)
         sampler = _HeartbeatSampler(client, config.daemon_id)
         try:
@@ -584,6 +585,12 @@ async def _start_daemon(config: Any, log_path: Path | None
     redis_conn = redis_client(config.redis_url)
     daemon = Daemon(config, None, redis_conn)  # the engine loads in its own process
     task = asyncio.create_task(daemon.run())
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():  # run() returned: the model did not load (the daemon logged why)
+        ready.cancel()
+        await redis_conn.aclose()
+        raise SystemExit(f"helix demo: the daemon did not start (exit code {task.result()})")
 
     async def stop() -> None:
         daemon.request_stop()  # the same graceful path as SIGTERM: drain, unregister
@@ -625,7 +632,6 @@ async def _wait_heartbeat(client: AsyncHelixClient, daemon_id: str, timeout_s: f
     from helix_daemon.protocol import daemon_key
 
     deadline = time.monotonic() + timeout_s
-    print("waiting for the daemon to load the model...", flush=True)
     while not await client.redis.exists(daemon_key(daemon_id, client.prefix)):
         if time.monotonic() > deadline:
             raise TimeoutError(f"daemon {daemon_id} sent no heartbeat in {timeout_s:.0f}s")

@@ -53,8 +53,8 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
 
     def __init__(self, config: DaemonConfig, engine: Any, client: aioredis.Redis,
                  metrics: DaemonMetrics | None = None) -> None:
-        """``engine``: an ``Engine`` to run in a thread, or None to load ``config.model`` in an
-        engine process."""
+        """``engine``: an ``Engine`` to run in a thread, or None to load ``config.model``
+        (in an engine process unless ``config.engine_process`` is off)."""
         self.config = config
         self.engine = engine
         self.store = Store(client, prefix=config.key_prefix, queue=config.queue,
@@ -89,11 +89,16 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         """SIGTERM: stop pulling, drain, hand the rest back, exit 0."""
         self.log.info("stop requested")
         self._stop.set()
+        if isinstance(self._worker, EngineProcess) and self._worker.info is None:
+            self._worker.kill()  # still loading the model: nothing to drain
 
     async def run(self) -> int:
         try:
             background, pulling = await self._launch()
         except EngineProcessError as e:  # nothing was taken yet: say why and exit
+            if self._stop.is_set():
+                self.log.info("stopped while the engine was loading")
+                return 0
             self.log.error("engine failed to start", error=str(e))
             return 1
         await self._stop.wait()
@@ -101,14 +106,31 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         return 0 if self._fatal is None else 1
 
     async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
+        worker = await self._start_engine()
+        try:
+            return await self._start_tasks()
+        except BaseException:  # no engine process may outlive a daemon that failed to start
+            await asyncio.to_thread(worker.stop)
+            raise
+
+    async def _start_engine(self) -> EngineWorker | EngineProcess:
+        """The engine in a process of its own, or in a thread: the caller's engine, or the
+        configured model when ``engine_process`` is off."""
         loop = asyncio.get_running_loop()
-        if self.engine is None:
-            self._worker = EngineProcess(self.config, loop, self._on_step)
-            await asyncio.to_thread(self._worker.start)  # loads the model
+        worker: EngineWorker | EngineProcess
+        if self.engine is None and self.config.engine_process:
+            worker = self._worker = EngineProcess(self.config, loop, self._on_step)
+            await asyncio.to_thread(worker.start)  # loads the model
         else:
-            self._worker = EngineWorker.on_loop(self.engine, loop, self._on_step)
-            self._worker.start()
-        self._head_starts = HeadStarts(self._worker.add, self._worker.abort)
+            if self.engine is None:
+                self.engine = await asyncio.to_thread(build_engine, self.config)
+            worker = self._worker = EngineWorker.on_loop(self.engine, loop, self._on_step)
+            worker.start()
+        self._head_starts = HeadStarts(worker.add, worker.abort)
+        return worker
+
+    async def _start_tasks(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
+        assert self._worker is not None and self._worker.info is not None
         await self._until_ok(self.store.ensure_group)
         self.metrics.start_http(self.config.metrics_port)
         background = [asyncio.create_task(c, name=c.__name__) for c in (
@@ -142,7 +164,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
     async def _drain(self) -> None:
         """Let running requests finish for drain_timeout_s, then hand the rest back at once."""
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while self.active and time.monotonic() < deadline:
+        while self.active and self._fatal is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         leftover = list(self.active.values())
         for attempt in leftover:
@@ -492,10 +514,7 @@ def redis_client(url: str) -> aioredis.Redis:
 async def run_daemon(config: DaemonConfig, engine: Any = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``Daemon.request_stop``); return the exit code.
 
-    Without an ``engine``, the model is loaded in an engine process (``config.engine_process``)
-    or in this one."""
-    if engine is None and not config.engine_process:
-        engine = await asyncio.to_thread(build_engine, config)
+    Without an ``engine``, the daemon loads ``config.model`` (see ``Daemon._start_engine``)."""
     client = redis_client(config.redis_url)
     daemon = Daemon(config, engine, client)
     loop = asyncio.get_running_loop()

@@ -44,11 +44,14 @@ class EngineProcess:
         # can deadlock, and spawn is what macOS and Windows have anyway.
         ctx = multiprocessing.get_context("spawn")
         self._commands = ctx.Queue()
+        # Commands still buffered when the child is gone must not keep this process from
+        # exiting (the queue's feeder thread would wait for room in a pipe nobody reads).
+        self._commands.cancel_join_thread()
         self._results, child_results = ctx.Pipe(duplex=False)
         self._clock = ctx.RawValue("d", 0.0)  # the running step's start, 0.0 = none
         self._process = ctx.Process(target=_child_main, name="helix-engine", daemon=True,
                                     args=(config, self._commands, child_results, self._clock))
-        self._child_results = child_results
+        self._child_results: multiprocessing.connection.Connection | None = child_results
         self._reader = threading.Thread(target=self._read, name="helix-engine-reader",
                                         daemon=True)
         self._stopping = False
@@ -58,7 +61,9 @@ class EngineProcess:
     def start(self) -> None:
         """Spawn the child and wait until its model is loaded (slow: call off the loop)."""
         self._process.start()
+        assert self._child_results is not None
         self._child_results.close()  # so recv() sees EOF when the child dies
+        self._child_results = None
         try:
             hello = self._results.recv()
         except EOFError:
@@ -78,18 +83,29 @@ class EngineProcess:
     def abort(self, engine_id: str) -> None:
         self._commands.put(AbortCommand(engine_id))
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def kill(self) -> None:
+        """End the child now (a stop requested while the model is still loading)."""
         self._stopping = True
-        self._commands.put(None)
-        self._process.join(timeout_s)
         if self._process.is_alive():
             self._process.kill()
-            self._process.join(5)
-        self._reader.join(5)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Let the child finish its step and exit; kill it if it does not within the timeout."""
+        self._stopping = True
+        if self._process.is_alive():
+            self._commands.put(None)
+            self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(5)
+        if self._reader.is_alive():
+            self._reader.join(5)
         self._commands.close()
 
     def is_stalled(self, stall_s: float) -> bool:
-        return stalled(self._clock, stall_s)
+        # A reader that died leaves the child blocked in send(), outside any step.
+        return stalled(self._clock, stall_s) or (self.info is not None
+                                                 and not self._reader.is_alive())
 
     def _read(self) -> None:
         """Reader thread: hand each step's result to the loop; a vanished child is fatal."""
@@ -100,12 +116,16 @@ class EngineProcess:
                 if self._stopping:
                     return
                 self._process.join(5)
-                code = self._process.exitcode
                 result = StepResult(fatal=EngineProcessError(
-                    f"engine process died (exit code {code})"))
+                    f"engine process died (exit code {self._process.exitcode})"))
+            except Exception as e:  # a result that does not unpickle: nothing after it is sure
+                result = StepResult(fatal=EngineProcessError(f"engine result unreadable: {e!r}"))
             if result.stats is not None:
                 self.stats = result.stats
-            self._loop.call_soon_threadsafe(self._deliver, result)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, result)
+            except RuntimeError:  # the loop is closed: the daemon is gone
+                return
             if result.fatal is not None:
                 return
 
@@ -113,8 +133,11 @@ class EngineProcess:
 def _child_main(config: DaemonConfig, commands: Any,
                 results: multiprocessing.connection.Connection, clock: Any) -> None:
     """The engine process: load the model, then step until told to stop."""
-    # Ctrl-C reaches the whole process group; the daemon decides when its engine stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Signals meant for the daemon also reach its process group (Ctrl-C, systemd's stop): the
+    # daemon drains, then stops its engine, which must keep stepping until then.
+    for sig in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), signal.SIG_IGN)
     _exit_with_parent()
     from helix_daemon.daemon import build_engine
 
@@ -134,7 +157,11 @@ def _child_main(config: DaemonConfig, commands: Any,
 
 
 def _exit_with_parent() -> None:
-    """A daemon killed with SIGKILL cannot stop its engine: the engine notices and exits."""
+    """A daemon killed with SIGKILL cannot stop its engine: the engine notices and exits.
+
+    (While stepping it would also fail to send; an idle engine only waits for commands, and the
+    command queue never reports its writer gone, since the child holds a copy of it.)
+    """
     parent = multiprocessing.parent_process()
     if parent is None:
         return

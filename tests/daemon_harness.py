@@ -199,8 +199,10 @@ class DaemonProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
+        # A session of its own: signals sent to its process group reach no test process.
         self.proc = subprocess.Popen([sys.executable, "-m", "helix_daemon.daemon"], env=env,
-                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -212,6 +214,11 @@ class DaemonProcess:
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Signal the daemon and its engine process, as systemd's stop or Ctrl-C does."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

@@ -214,9 +214,9 @@ def test_sigstopped_daemon_is_fenced_after_takeover(spawn, sync_redis, key_prefi
 
 def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_model_path,
                                        tmp_path, reference) -> None:
-    """``python -m helix_daemon.daemon`` with its default engine process, under SIGTERM, lets
-    running jobs finish (drain) and exits 0 with its engine process; nothing is left pending
-    and its heartbeat is gone."""
+    """``python -m helix_daemon.daemon`` with its default engine process, under a SIGTERM sent
+    to its whole process group (as systemd stops a service), lets running jobs finish (drain)
+    and exits 0 with its engine process; nothing is left pending and its heartbeat is gone."""
     ids = submit(sync_redis, key_prefix, 300, "t")
     env = daemon_env(redis_url, key_prefix, QUEUE, str(tiny_model_path), "t0",
                      drain_timeout_s=60)
@@ -225,7 +225,7 @@ def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_
     wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "t0") for r in ids), 60,
                "t0 streaming")
     engine = engine_process_of(daemon.pid)
-    daemon.signal(signal.SIGTERM)
+    daemon.signal_group(signal.SIGTERM)
     try:
         assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
     finally:
@@ -250,17 +250,23 @@ def test_engine_that_cannot_load_ends_the_daemon_with_its_reason(zygote, redis_u
 
 def test_engine_process_exits_with_its_killed_daemon(spawn, sync_redis, key_prefix,
                                                      reference) -> None:
-    """kill -9 of a daemon whose engine runs in its own process: the orphaned engine process
-    notices and exits by itself (freeing its memory), and another daemon resumes every job
-    exactly."""
+    """kill -9 of a daemon whose engine runs in its own process, idle and then mid-stream: the
+    orphaned engine process notices and exits by itself (freeing its memory), and another
+    daemon resumes every job exactly."""
+    idle = spawn("e0", engine_process="true")
+    wait_until(lambda: sync_redis.exists(p.daemon_key("e0", key_prefix)), 60, "e0 up")
+    engine = engine_process_of(idle.pid)
+    idle.kill()  # an idle engine is waiting for commands, not writing results
+    wait_until(lambda: not pid_alive(engine), 10, "the idle orphaned engine process to exit")
+
     ids = submit(sync_redis, key_prefix, 600, "e")
-    first = spawn("e0", engine_process="true")
-    wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "e0") for r in ids), 60,
-               "e0 streaming")
-    engine = engine_process_of(first.pid)
-    first.kill()
-    wait_until(lambda: not pid_alive(engine), 10, "the orphaned engine process to exit")
-    spawn("e1")
+    busy = spawn("e1", engine_process="true")
+    wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "e1") for r in ids), 60,
+               "e1 streaming")
+    engine = engine_process_of(busy.pid)
+    busy.kill()
+    wait_until(lambda: not pid_alive(engine), 10, "the busy orphaned engine process to exit")
+    spawn("e2")
     wait_all_finished(sync_redis, key_prefix, ids, 60)
     assert assert_matches_reference(sync_redis, key_prefix, ids, reference(600)) == {1, 2}
 
