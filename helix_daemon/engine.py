@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from helix_daemon.device import kv_budget_bytes, resolve_device, resolve_dtype
 from helix_daemon.drafting import Drafter, make_drafter
+from helix_daemon.engine_output import EngineStats, RequestOutput
 from helix_daemon.model_runner import ModelRunner
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
@@ -42,36 +43,6 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step
     adaptive_speculation: bool = True
     seed: int = 0
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one step produced for one request (the daemon turns it into stream events)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    text_delta: str
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_draft_proposed: int
-    num_draft_accepted: int
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int
-    num_steps: int
-    num_draft_proposed: int
-    num_draft_accepted: int
-    peak_kv_blocks_used: int
-    kv_slots_allocated: int  # summed over steps: slots held by live blocks
-    kv_slots_used: int  # summed over steps: slots holding a token
 
 
 class TextStream:

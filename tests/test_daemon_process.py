@@ -216,7 +216,8 @@ def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_
                                        tmp_path, reference) -> None:
     """``python -m helix_daemon.daemon`` with its default engine process, under a SIGTERM sent
     to its whole process group (as systemd stops a service), lets running jobs finish (drain)
-    and exits 0 with its engine process; nothing is left pending and its heartbeat is gone."""
+    and exits 0 with its engine process; nothing is left pending and its heartbeat is gone.
+    The daemon itself never loads torch: only its engine process does."""
     ids = submit(sync_redis, key_prefix, 300, "t")
     env = daemon_env(redis_url, key_prefix, QUEUE, str(tiny_model_path), "t0",
                      drain_timeout_s=60)
@@ -225,6 +226,8 @@ def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_
     wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "t0") for r in ids), 60,
                "t0 streaming")
     engine = engine_process_of(daemon.pid)
+    assert b"libtorch" in Path(f"/proc/{engine}/maps").read_bytes()
+    assert b"libtorch" not in Path(f"/proc/{daemon.pid}/maps").read_bytes()
     daemon.signal_group(signal.SIGTERM)
     try:
         assert daemon.wait(60) == 0, daemon.log_text()[-3000:]

@@ -1,0 +1,39 @@
+"""What an engine step reports: one ``RequestOutput`` per request that changed, and ``EngineStats``.
+
+Kept free of torch: an engine process sends these to its daemon, which unpickles them without
+ever loading torch or the model's libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (the daemon turns it into stream events)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_draft_proposed: int
+    num_draft_accepted: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    num_steps: int
+    num_draft_proposed: int
+    num_draft_accepted: int
+    peak_kv_blocks_used: int
+    kv_slots_allocated: int  # summed over steps: slots held by live blocks
+    kv_slots_used: int  # summed over steps: slots holding a token
