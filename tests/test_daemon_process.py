@@ -223,16 +223,16 @@ def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_
                      drain_timeout_s=60)
     del env["HELIX_ENGINE_PROCESS"]  # the product's default
     daemon = DaemonProcess(env, tmp_path / "t0.log")
-    wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "t0") for r in ids), 60,
-               "t0 streaming")
-    engine = engine_process_of(daemon.pid)
-    assert b"libtorch" in Path(f"/proc/{engine}/maps").read_bytes()
-    assert b"libtorch" not in Path(f"/proc/{daemon.pid}/maps").read_bytes()
-    daemon.signal_group(signal.SIGTERM)
     try:
+        wait_until(lambda: all(streaming_under(sync_redis, key_prefix, r, "t0") for r in ids),
+                   60, "t0 streaming")
+        engine = engine_process_of(daemon.pid)
+        assert b"libtorch" in Path(f"/proc/{engine}/maps").read_bytes()
+        assert b"libtorch" not in Path(f"/proc/{daemon.pid}/maps").read_bytes()
+        daemon.signal_group(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
     finally:
-        daemon.close()
+        daemon.close()  # its engine process follows it
     assert not pid_alive(engine)
     assert assert_matches_reference(sync_redis, key_prefix, ids, reference(300)) == {1}
     assert sync_redis.xpending(p.queue_key(QUEUE, key_prefix), p.GROUP)["pending"] == 0
