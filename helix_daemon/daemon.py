@@ -22,7 +22,7 @@ import dataclasses
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -133,11 +133,10 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         assert self._worker is not None and self._worker.info is not None
         await self._until_ok(self.store.ensure_group)
         self.metrics.start_http(self.config.metrics_port)
-        background = [asyncio.create_task(c, name=c.__name__) for c in (
+        background = [self._supervised(c) for c in (
             self._flush_loop(), self._lease_loop(), self._cancel_listener())]
         await self._recover_own_entries()
-        pulling = [asyncio.create_task(c, name=c.__name__)
-                   for c in (self._intake_loop(), self._reclaim_loop())]
+        pulling = [self._supervised(c) for c in (self._intake_loop(), self._reclaim_loop())]
         info = self._worker.info
         self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
                       engine=type(self._worker).__name__, device=info.device,
@@ -145,6 +144,22 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
                       kv_bytes=info.kv_bytes)
         self.ready.set()
         return background, pulling
+
+    def _supervised(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task whose crash ends the daemon (exit 1) instead of leaving it half alive: a
+        daemon that heartbeats but no longer pulls or writes would hold its entries forever."""
+        task = asyncio.create_task(coro, name=coro.__name__)
+
+        def crashed(done: asyncio.Task[None]) -> None:
+            if done.cancelled() or done.exception() is None or self._fatal is not None \
+                    or not self._pulling:  # shutting down: the tasks are being cancelled
+                return
+            self.log.error("task crashed", task=done.get_name(), error=repr(done.exception()))
+            self._fatal = done.exception()
+            self._stop.set()
+
+        task.add_done_callback(crashed)
+        return task
 
     async def _shutdown(self, background: list[asyncio.Task[None]],
                         pulling: list[asyncio.Task[None]]) -> None:

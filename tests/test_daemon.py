@@ -375,3 +375,25 @@ def test_takeover_resumes_a_dead_attempt_exactly(start_daemon, sync_redis, key_p
     result = read_result(sync_redis, key_prefix, "res")
     assert result.attempts_seen == {1, 2}
     assert (result.ids, result.text) == history[-1]
+
+
+def test_a_crashed_task_ends_the_daemon(start_daemon, sync_redis, key_prefix) -> None:
+    """A bug that kills one of the daemon's loops (here: intake raising an unexpected error)
+    ends the daemon with exit code 1 and unregisters it, instead of leaving a daemon that
+    heartbeats but never pulls again; a job it never took is served by another daemon."""
+    daemon = start_daemon()
+    wait_until(lambda: sync_redis.exists(p.daemon_key("t0", key_prefix)), 30, "t0 up")
+    bug = RuntimeError("injected bug in intake")
+
+    async def broken_read(*args: object) -> None:
+        raise bug
+
+    daemon.daemon.store.read_new = broken_read
+    wait_until(lambda: daemon.daemon._fatal is bug, 10, "the crash to end the daemon")
+    assert daemon.stop() == 1
+    assert not sync_redis.exists(p.daemon_key("t0", key_prefix))
+    rid = "after-crash"
+    enqueue(sync_redis, key_prefix, QUEUE, {"prompt": "Hello there", "max_tokens": 4}, rid)
+    start_daemon()
+    wait_all_finished(sync_redis, key_prefix, [rid], 30)
+    assert isinstance(read_result(sync_redis, key_prefix, rid).terminal, p.DoneEvent)
