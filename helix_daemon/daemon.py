@@ -93,17 +93,29 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             self._worker.kill()  # still loading the model: nothing to drain
 
     async def run(self) -> int:
+        if self._stop.is_set():  # stopped before it started: load nothing
+            return 0
+        tasks: list[asyncio.Task[None]] = []
         try:
-            background, pulling = await self._launch()
-        except EngineProcessError as e:  # nothing was taken yet: say why and exit
-            if self._stop.is_set():
-                self.log.info("stopped while the engine was loading")
-                return 0
-            self.log.error("engine failed to start", error=str(e))
-            return 1
-        await self._stop.wait()
-        await self._shutdown(background, pulling)
-        return 0 if self._fatal is None else 1
+            try:
+                background, pulling = await self._launch()
+            except EngineProcessError as e:  # nothing was taken yet: say why and exit
+                if self._stop.is_set():
+                    self.log.info("stopped while the engine was loading")
+                    return 0
+                self.log.error("engine failed to start", error=str(e))
+                return 1
+            tasks = background + pulling
+            await self._stop.wait()
+            await self._shutdown(background, pulling)
+            return 0 if self._fatal is None else 1
+        finally:  # however run() ends (an error, a cancel), nothing it started outlives it
+            self._pulling = False
+            self._closing = True  # loops end even where a library swallowed their cancel
+            for task in tasks:
+                task.cancel()
+            if isinstance(self._worker, EngineProcess):
+                self._worker.kill()
 
     async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
         worker = await self._start_engine()
@@ -152,7 +164,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
 
         def crashed(done: asyncio.Task[None]) -> None:
             if done.cancelled() or done.exception() is None or self._fatal is not None \
-                    or not self._pulling:  # shutting down: the tasks are being cancelled
+                    or self._closing:  # the background tasks are being cancelled
                 return
             self.log.error("task crashed", task=done.get_name(), error=repr(done.exception()))
             self._fatal = done.exception()

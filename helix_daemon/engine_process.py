@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -57,10 +58,19 @@ class EngineProcess:
         self._stopping = False
         self.info: EngineInfo | None = None
         self.stats: Any = None
+        # At interpreter exit multiprocessing SIGTERMs daemonic children, then joins them; the
+        # engine ignores SIGTERM, so one still running then is killed first (a daemon that
+        # crashed out of its shutdown must still exit).
+        multiprocessing.util.Finalize(self, _kill_if_alive, args=(self._process,),
+                                      exitpriority=10)
 
     def start(self) -> None:
         """Spawn the child and wait until its model is loaded (slow: call off the loop)."""
+        if self._stopping:
+            raise EngineProcessError("stopped before the engine process started")
         self._process.start()
+        if self._stopping:  # kill() came while the process was being started
+            self._process.kill()
         assert self._child_results is not None
         self._child_results.close()  # so recv() sees EOF when the child dies
         self._child_results = None
@@ -86,18 +96,17 @@ class EngineProcess:
     def kill(self) -> None:
         """End the child now (a stop requested while the model is still loading)."""
         self._stopping = True
-        if self._process.is_alive():
-            self._process.kill()
+        _kill_if_alive(self._process)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Let the child finish its step and exit; kill it if it does not within the timeout."""
         self._stopping = True
-        if self._process.is_alive():
+        if self._process.is_alive() and self._reader.is_alive():  # else nobody reads its results
             self._commands.put(None)
             self._process.join(timeout_s)
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join(5)
+        _kill_if_alive(self._process)
+        if self._process.pid is not None:
+            self._process.join(5)
         if self._reader.is_alive():
             self._reader.join(5)
         self._commands.close()
@@ -128,6 +137,11 @@ class EngineProcess:
                 return
             if result.fatal is not None:
                 return
+
+
+def _kill_if_alive(process: multiprocessing.process.BaseProcess) -> None:
+    if process.pid is not None and process.is_alive():
+        process.kill()
 
 
 def _child_main(config: DaemonConfig, commands: Any,

@@ -21,6 +21,7 @@ from kvpool.block_table import BlockTable
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
 from scheduler.sequence import Sequence, SequenceStatus, TextStream
+from scheduler.speculation import record_acceptance
 
 
 class DraftPolicy(Protocol):
@@ -272,9 +273,7 @@ class Scheduler:
             return
         seq.num_draft_proposed += proposed
         seq.num_draft_accepted += accepted
-        rate = accepted / proposed
-        ema = seq.acceptance_ema
-        seq.acceptance_ema = rate if ema is None else 0.7 * ema + 0.3 * rate
+        record_acceptance(seq, proposed, accepted)
 
     def _append_tokens(self, seq: Sequence, tokens: Seq[int]) -> SeqUpdate:
         new_ids: list[int] = []

@@ -46,7 +46,11 @@ class Sequence:
         self.num_preemptions = 0
         self.num_draft_proposed = 0
         self.num_draft_accepted = 0
-        self.acceptance_ema: float | None = None  # recent draft acceptance, for adaptive K
+        # Recent per-token draft acceptance, for adaptive K: decayed counts of accepted drafts
+        # and of drafts judged (accepted ones plus the first rejected one of each step).
+        self.acceptance_ema: float | None = None
+        self.recent_accepted = 0.0
+        self.recent_judged = 0.0
 
     @property
     def sort_key(self) -> tuple[int, int]:

@@ -15,9 +15,24 @@ up on a new prompt is learned as the many-token pass it is.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.sequence import Sequence
+
+ACCEPTANCE_MEMORY = 0.9  # per step: a sequence's acceptance reflects about its last 10 steps
+
+
+def record_acceptance(seq: Sequence, proposed: int, accepted: int) -> None:
+    """Update ``seq.acceptance_ema``, the per-token acceptance alpha that adaptive K plans with.
+
+    Acceptance stops at the first rejection, so a step judges its accepted drafts and that one:
+    accepted / judged is the estimate of alpha (the maximum-likelihood one for the theory's
+    geometric acceptance). Accepted / proposed would not be: for the same alpha it falls as K
+    grows (drafts after a rejection are never judged), which steered K down.
+    """
+    seq.recent_accepted = ACCEPTANCE_MEMORY * seq.recent_accepted + accepted
+    seq.recent_judged = ACCEPTANCE_MEMORY * seq.recent_judged + accepted + (accepted < proposed)
+    seq.acceptance_ema = seq.recent_accepted / seq.recent_judged
 
 
 class StepCostModel:
@@ -75,12 +90,41 @@ MAX_PROBE_GAP = 512  # the longest gap between probes of a losing drafter
 MAX_PLAIN_GAP = 256  # the longest gap between plain probes while drafting keeps winning
 
 
+RATE_MEMORY = 0.9  # per step: an arm's rate reflects about the last 10 steps of the range
+
+
+@dataclass(slots=True)
+class RealisedRate:
+    """Tokens per second per sequence of one arm, as decayed sums (tokens over seconds).
+
+    A ratio of sums, not an average of per-step rates: a drafted step emits 1 to K+1 tokens, so
+    single steps swing widely, and a short average of them flipped the verdict on noise alone
+    (a run of rejections stopped drafting for a stretch that then cost the draft model a
+    catch-up, which made drafting look worse again). Evidence ages with the steps of the range,
+    not with this arm's own samples: a probe after hundreds of steps of the other arm is judged
+    on what it realises now, not outvoted by samples from long ago.
+    """
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, tokens: float, seconds: float, age: int) -> None:
+        """One step's outcome, ``age`` steps after this arm's previous one."""
+        fade = RATE_MEMORY ** age
+        self.tokens = fade * self.tokens + tokens
+        self.seconds = fade * self.seconds + seconds
+
+    @property
+    def rate(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
 @dataclass(slots=True)
 class DraftingRecord:
     """Realised decoding speed, with and without drafts, at one range of batch sizes."""
 
-    plain_rate: float | None = None  # EMA of tokens / s / sequence over steps without drafts
-    draft_rate: float | None = None  # the same over steps with drafts
+    plain: RealisedRate = field(default_factory=RealisedRate)  # steps without drafts
+    drafted: RealisedRate = field(default_factory=RealisedRate)  # steps with drafts
     steps: int = 0  # decode steps planned in this range
     last_plain: int = 0  # step counts at the last sample of each arm
     last_draft: int = 0
@@ -88,11 +132,21 @@ class DraftingRecord:
     plain_probe_every: int = PROBE_EVERY  # while drafting wins: doubles after each plain probe
     probe_steps_left: int = 0  # a probe drafts twice: not only the catch-up resuming costs
 
-    def observe(self, drafted: bool, rate: float) -> None:
+    @property
+    def plain_rate(self) -> float | None:
+        return self.plain.rate
+
+    @property
+    def draft_rate(self) -> float | None:
+        return self.drafted.rate
+
+    def observe(self, drafted: bool, tokens_per_seq: float, seconds: float) -> None:
         if drafted:
-            self.draft_rate, self.last_draft = _ema(self.draft_rate, rate), self.steps
+            self.drafted.add(tokens_per_seq, seconds, self.steps - self.last_draft)
+            self.last_draft = self.steps
         else:
-            self.plain_rate, self.last_plain = _ema(self.plain_rate, rate), self.steps
+            self.plain.add(tokens_per_seq, seconds, self.steps - self.last_plain)
+            self.last_plain = self.steps
 
     def drafting_loses(self) -> bool:
         return self.plain_rate is not None and self.draft_rate is not None and \
@@ -123,10 +177,6 @@ class DraftingRecord:
         # lose and plain steps are measured again.
         self.plain_probe_every = min(2 * self.plain_probe_every, MAX_PLAIN_GAP)
         return False
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else 0.8 * old + 0.2 * new
 
 
 class AdaptiveDraftPolicy:
@@ -166,7 +216,7 @@ class AdaptiveDraftPolicy:
         pending, self._pending = self._pending, None
         if pending is not None and seconds > 0 and not catch_up:
             record, num_seqs = pending
-            record.observe(drafted, num_tokens / seconds / num_seqs)
+            record.observe(drafted, num_tokens / num_seqs, seconds)
 
     def observe_target(self, num_tokens: int, seconds: float) -> None:
         self.target.observe(num_tokens, seconds)

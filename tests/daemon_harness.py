@@ -275,7 +275,8 @@ class ThreadDaemon:
     def stop(self, timeout_s: float = 30) -> int | None:
         """Stop like SIGTERM; a daemon that does not stop in time fails the test loudly."""
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self.daemon.request_stop)
+            with contextlib.suppress(RuntimeError):  # it may stop on its own meanwhile
+                self._loop.call_soon_threadsafe(self.daemon.request_stop)
             self._thread.join(timeout_s)
         if self._thread.is_alive():
             faulthandler.dump_traceback(all_threads=True)

@@ -9,6 +9,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,8 +54,9 @@ def spawn(zygote: Zygote, tiny_model_path: Path, redis_url: str, key_prefix: str
     """Start daemon processes on this test's prefix; any still alive are killed at teardown."""
     procs: list[ForkedDaemon] = []
 
-    def start(daemon_id: str, url: str = redis_url, **settings: object) -> ForkedDaemon:
-        env = daemon_env(url, key_prefix, QUEUE, str(tiny_model_path), daemon_id, **settings)
+    def start(daemon_id: str, url: str = redis_url, model: str = str(tiny_model_path),
+              **settings: object) -> ForkedDaemon:
+        env = daemon_env(url, key_prefix, QUEUE, model, daemon_id, **settings)
         proc = zygote.spawn(env, tmp_path / f"{daemon_id}-{len(procs)}.log")
         procs.append(proc)
         return proc
@@ -239,13 +242,10 @@ def test_sigterm_drains_then_exits_zero(sync_redis, key_prefix, redis_url, tiny_
     assert not sync_redis.exists(p.daemon_key("t0", key_prefix))
 
 
-def test_engine_that_cannot_load_ends_the_daemon_with_its_reason(zygote, redis_url, key_prefix,
-                                                                 tmp_path) -> None:
+def test_engine_that_cannot_load_ends_the_daemon_with_its_reason(spawn, tmp_path) -> None:
     """A model folder that is not there: the engine process reports the loader's error, and the
     daemon logs it and exits 1 instead of serving nothing."""
-    env = daemon_env(redis_url, key_prefix, QUEUE, str(tmp_path / "no-such-model"), "n0",
-                     engine_process="true")
-    daemon = zygote.spawn(env, tmp_path / "n0.log")
+    daemon = spawn("n0", model=str(tmp_path / "no-such-model"), engine_process="true")
     assert daemon.wait(60) == 1
     log = daemon.log_text()
     assert "engine failed to start" in log and "no-such-model" in log, log[-2000:]
@@ -337,3 +337,39 @@ def test_redis_restart_mid_run_loses_nothing(spawn, private_redis, key_prefix, r
     wait_all_finished(client, key_prefix, ids, 90)
     assert_matches_reference(client, key_prefix, ids, reference(600))
     client.close()
+
+
+_EMBEDDED_THEN_CANCELLED = """
+import asyncio, sys
+from helix_daemon.config import DaemonConfig
+from helix_daemon.daemon import Daemon, redis_client
+
+async def main():
+    model, url, prefix = sys.argv[1:4]
+    config = DaemonConfig(model=model, redis_url=url, key_prefix=prefix, queue="pq",
+                          daemon_id="c0", device="cpu", num_kv_blocks=64)
+    daemon = Daemon(config, None, redis_client(url))
+    task = asyncio.create_task(daemon.run())
+    await daemon.ready.wait()
+    print("engine", daemon._worker._process.pid, flush=True)
+    task.cancel()  # as Ctrl-C in an embedding program would
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_cancelled_daemon_leaves_no_engine_and_its_program_exits(
+        tiny_model_path, redis_url, key_prefix, tmp_path) -> None:
+    """A program that embeds a daemon and cancels it (no graceful stop) still exits, and its
+    engine process (which ignores SIGTERM, so multiprocessing's exit handler alone would wait
+    on it forever) is gone."""
+    script = tmp_path / "embedded.py"
+    script.write_text(_EMBEDDED_THEN_CANCELLED)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_path), redis_url,
+                           key_prefix], env=base_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engine = int(next(line for line in proc.stdout.splitlines()
+                      if line.startswith("engine")).split()[1])
+    wait_until(lambda: not pid_alive(engine), 10, "the engine process to be gone")

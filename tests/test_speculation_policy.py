@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from scheduler.params import RequestParams
 from scheduler.sequence import Sequence
-from scheduler.speculation import AdaptiveDraftPolicy, StepCostModel
+from scheduler.speculation import (
+    AdaptiveDraftPolicy,
+    DraftingRecord,
+    StepCostModel,
+    record_acceptance,
+)
 
 
 def _seq(name: str, acceptance: float | None) -> Sequence:
@@ -133,3 +140,30 @@ def test_a_draft_catch_up_step_is_not_counted_as_drafting_speed() -> None:
     policy.choose([seq], [4], 0)
     policy.observe_outcome(True, 3, 0.05)
     assert [r.draft_rate for r in policy.records.values()] == [60.0]
+
+
+def test_acceptance_estimate_is_per_token_alpha_whatever_k() -> None:
+    """Drafts of a sequence with per-token acceptance alpha = 2/3, judged with K = 4 (each step
+    accepts 2, then rejects) or K = 2 (accepts 2 of 2), estimate the same alpha; accepted /
+    proposed would say 0.5 for K = 4 and 1.0 for K = 2, steering K by the K it was measured at."""
+    long_drafts, short_drafts = _seq("k4", None), _seq("k2", None)
+    for _ in range(30):
+        record_acceptance(long_drafts, proposed=4, accepted=2)
+        record_acceptance(short_drafts, proposed=3, accepted=2)  # 2 accepted, the 3rd rejected
+    assert long_drafts.acceptance_ema == pytest.approx(2 / 3)
+    assert short_drafts.acceptance_ema == pytest.approx(2 / 3)
+    record_acceptance(long_drafts, proposed=4, accepted=0)  # one bad step lowers it, gently
+    assert 0.55 < long_drafts.acceptance_ema < 2 / 3
+
+
+def test_realised_rates_age_with_the_steps_of_their_range() -> None:
+    """A probe after a long stretch of the other arm is judged on what it realises now: the
+    drafted arm's losing samples from 500 steps ago no longer outvote two winning probe steps
+    (with per-sample memory, drafting never resumed within 1200 steps)."""
+    record = DraftingRecord()
+    for step in range(40):
+        record.steps = step
+        record.observe(True, 1.0, 1 / 20)  # drafting realised 20 tokens/s
+    record.steps = 540
+    record.observe(True, 3.0, 3 / 60)  # a probe realising 60 tokens/s
+    assert record.draft_rate == pytest.approx(60.0, rel=0.01)
