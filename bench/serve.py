@@ -200,20 +200,18 @@ async def run_redis(engine: Any, jobs: list[Job], template: Any, prefix: str
     daemon runs the engine in its engine process (loaded from the same folder) or, with
     ``template.engine_process`` off, the in-process path's engine in a thread.
     """
-    from helix_daemon.daemon import Daemon, redis_client
+    from helix_daemon.daemon import Daemon, redis_client, run_in_background
 
     config = dataclasses.replace(template, key_prefix=prefix,
                                  daemon_id=f"bench-{uuid.uuid4().hex[:6]}")
     url = config.redis_url
     daemon_conn = redis_client(url)
     daemon = Daemon(config, None if config.engine_process else engine, daemon_conn)
-    served = asyncio.create_task(daemon.run())
-    ready = asyncio.create_task(daemon.ready.wait())
-    await asyncio.wait([served, ready], return_when=asyncio.FIRST_COMPLETED)
-    if not ready.done():
-        ready.cancel()
+    try:
+        served = await run_in_background(daemon)
+    except RuntimeError:
         await daemon_conn.aclose()
-        raise RuntimeError(f"daemon did not start (exit code {served.result()})")
+        raise
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=client_process, args=(jobs, url, prefix, theirs), daemon=True)

@@ -580,17 +580,15 @@ async def _start_daemon(config: Any, log_path: Path | None
     mode."""
     if log_path is not None:
         return await _start_daemon_process(config, log_path), lambda: None
-    from helix_daemon.daemon import Daemon, redis_client
+    from helix_daemon.daemon import Daemon, redis_client, run_in_background
 
     redis_conn = redis_client(config.redis_url)
     daemon = Daemon(config, None, redis_conn)  # the engine loads in its own process
-    task = asyncio.create_task(daemon.run())
-    ready = asyncio.create_task(daemon.ready.wait())
-    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-    if not ready.done():  # run() returned: the model did not load (the daemon logged why)
-        ready.cancel()
+    try:
+        task = await run_in_background(daemon)
+    except RuntimeError as e:
         await redis_conn.aclose()
-        raise SystemExit(f"helix demo: the daemon did not start (exit code {task.result()})")
+        raise SystemExit(f"helix demo: {e}") from None
 
     async def stop() -> None:
         daemon.request_stop()  # the same graceful path as SIGTERM: drain, unregister

@@ -32,7 +32,7 @@ from helix_daemon import protocol as p
 from helix_daemon.attempt import Attempt
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_process import EngineProcess, EngineProcessError
-from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
+from helix_daemon.engine_worker import AddCommand, EngineHandle, EngineWorker, StepResult
 from helix_daemon.head_start import HeadStarts
 from helix_daemon.metrics import DaemonMetrics
 from helix_daemon.redis_conn import async_redis
@@ -74,7 +74,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._closing = False
         self._pulling = True  # intake and reclaim run until a stop is requested
         self._fatal: BaseException | None = None
-        self._worker: EngineWorker | EngineProcess | None = None
+        self._worker: EngineHandle | None = None
         self._head_starts: HeadStarts  # created with the worker, in _launch
         self._started_ms = now_ms()
         self._tokens_window = 0
@@ -89,7 +89,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         """SIGTERM: stop pulling, drain, hand the rest back, exit 0."""
         self.log.info("stop requested")
         self._stop.set()
-        if isinstance(self._worker, EngineProcess) and self._worker.info is None:
+        if self._worker is not None and self._worker.info is None:
             self._worker.kill()  # still loading the model: nothing to drain
 
     async def run(self) -> int:
@@ -114,22 +114,18 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             self._closing = True  # loops end even where a library swallowed their cancel
             for task in tasks:
                 task.cancel()
-            if isinstance(self._worker, EngineProcess):
+            if self._worker is not None:
                 self._worker.kill()
 
     async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
-        worker = await self._start_engine()
-        try:
-            return await self._start_tasks()
-        except BaseException:  # no engine process may outlive a daemon that failed to start
-            await asyncio.to_thread(worker.stop)
-            raise
+        await self._start_engine()  # should what follows fail, run() ends the engine
+        return await self._start_tasks()
 
-    async def _start_engine(self) -> EngineWorker | EngineProcess:
+    async def _start_engine(self) -> None:
         """The engine in a process of its own, or in a thread: the caller's engine, or the
         configured model when ``engine_process`` is off."""
         loop = asyncio.get_running_loop()
-        worker: EngineWorker | EngineProcess
+        worker: EngineHandle
         if self.engine is None and self.config.engine_process:
             worker = self._worker = EngineProcess(self.config, loop, self._on_step)
             await asyncio.to_thread(worker.start)  # loads the model
@@ -139,7 +135,6 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             worker = self._worker = EngineWorker.on_loop(self.engine, loop, self._on_step)
             worker.start()
         self._head_starts = HeadStarts(worker.add, worker.abort)
-        return worker
 
     async def _start_tasks(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
         assert self._worker is not None and self._worker.info is not None
@@ -536,6 +531,18 @@ def redis_client(url: str) -> aioredis.Redis:
     # restarted Redis come back quickly.
     return async_redis(url, socket_timeout=5.0, socket_connect_timeout=2.0,
                        health_check_interval=10)
+
+
+async def run_in_background(daemon: Daemon) -> asyncio.Task[int]:
+    """Start ``daemon.run()`` as a task and return it once the daemon is serving; raise
+    RuntimeError if it ended first (its model did not load: the daemon logged why)."""
+    task = asyncio.create_task(daemon.run())
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        raise RuntimeError(f"the daemon did not start (exit code {task.result()})")
+    return task
 
 
 async def run_daemon(config: DaemonConfig, engine: Any = None) -> int:

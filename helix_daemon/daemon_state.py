@@ -11,8 +11,7 @@ from typing import Any
 
 from helix_daemon.attempt import Attempt
 from helix_daemon.config import DaemonConfig
-from helix_daemon.engine_process import EngineProcess
-from helix_daemon.engine_worker import EngineWorker
+from helix_daemon.engine_worker import EngineHandle
 from helix_daemon.metrics import DaemonMetrics
 from helix_daemon.store import Store
 
@@ -28,7 +27,7 @@ class DaemonState:
     _flush_needed: asyncio.Event
     _slots_freed: asyncio.Event  # set whenever free_slots() may have grown
     _closing: bool
-    _worker: EngineWorker | EngineProcess | None
+    _worker: EngineHandle | None
 
     @property
     def engine_stats(self) -> Any:

@@ -21,8 +21,7 @@ from typing import Any
 
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_worker import (
-    AbortCommand,
-    AddCommand,
+    EngineHandle,
     EngineInfo,
     EngineWorker,
     StepResult,
@@ -34,7 +33,7 @@ class EngineProcessError(RuntimeError):
     """The engine process failed to start, or died."""
 
 
-class EngineProcess:
+class EngineProcess(EngineHandle):
     """Starts ``build_engine(config)`` in a spawned child; ``start()`` blocks until it is loaded."""
 
     def __init__(self, config: DaemonConfig, loop: asyncio.AbstractEventLoop,
@@ -87,14 +86,8 @@ class EngineProcess:
         self.info, self.stats = hello
         self._reader.start()
 
-    def add(self, command: AddCommand) -> None:
-        self._commands.put(command)
-
-    def abort(self, engine_id: str) -> None:
-        self._commands.put(AbortCommand(engine_id))
-
     def kill(self) -> None:
-        """End the child now (a stop requested while the model is still loading)."""
+        """End the child now (a stop while the model loads, or a daemon that ended abruptly)."""
         self._stopping = True
         _kill_if_alive(self._process)
 

@@ -88,15 +88,44 @@ def stalled(clock: StepClock, stall_s: float) -> bool:
     return started > 0.0 and time.monotonic() - started > stall_s
 
 
-class EngineWorker:
+class EngineHandle:
+    """What a daemon holds of its engine, wherever the engine runs: commands in, ``info`` and
+    the latest ``stats`` out (subclasses: ``EngineWorker``, ``EngineProcess``)."""
+
+    _commands: CommandQueue
+    info: EngineInfo | None  # None until the engine is loaded
+    stats: Any  # EngineStats after the latest step
+
+    def add(self, command: AddCommand) -> None:
+        self._commands.put(command)
+
+    def abort(self, engine_id: str) -> None:
+        self._commands.put(AbortCommand(engine_id))
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Let the engine finish its step and end (blocks: call off the loop)."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """End the engine without waiting for it."""
+        raise NotImplementedError
+
+    def is_stalled(self, stall_s: float) -> bool:
+        raise NotImplementedError
+
+
+class EngineWorker(EngineHandle):
     """Runs ``engine.step()`` while there is work and publishes each step's result."""
 
     def __init__(self, engine: Any, publish: Callable[[StepResult], None],
                  commands: CommandQueue | None = None, clock: StepClock | None = None) -> None:
         self.engine = engine
-        self.info = EngineInfo.of(engine)
+        self.info: EngineInfo | None = EngineInfo.of(engine)
         self._publish = publish
-        self._commands: CommandQueue = commands if commands is not None else queue.SimpleQueue()
+        self._commands = commands if commands is not None else queue.SimpleQueue()
         self._clock: StepClock = clock if clock is not None else _Clock()
         self._thread = threading.Thread(target=self.run, name="helix-engine", daemon=True)
         self.stats: Any = engine.stats()  # replaced (never mutated) after every iteration
@@ -111,16 +140,14 @@ class EngineWorker:
         """Run the engine in a thread of its own."""
         self._thread.start()
 
-    def add(self, command: AddCommand) -> None:
-        self._commands.put(command)
-
-    def abort(self, engine_id: str) -> None:
-        self._commands.put(AbortCommand(engine_id))
-
     def stop(self, timeout_s: float = 30.0) -> None:
-        self._commands.put(None)
+        self.kill()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+    def kill(self) -> None:
+        """A thread cannot be killed: it stops after its current step."""
+        self._commands.put(None)
 
     def is_stalled(self, stall_s: float) -> bool:
         return stalled(self._clock, stall_s)
