@@ -132,10 +132,10 @@ def greedy(max_tokens: int) -> RequestParams:
                          ignore_eos=True)
 
 
-def make_engine(target: Path, draft: str, num_k: int) -> Engine:
+def make_engine(target: Path, draft: str, num_k: int, cpu_linear: str = "auto") -> Engine:
     config = EngineConfig(model=str(target), draft=draft, device="cpu", dtype="float32",
                           num_kv_blocks=4096, max_num_seqs=128, max_num_batched_tokens=2048,
-                          num_speculative_tokens=num_k)
+                          num_speculative_tokens=num_k, cpu_linear=cpu_linear)
     return Engine.from_config(config)
 
 
@@ -324,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--num-speculative", type=int, default=4, help="most K per step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-linear", default="auto", choices=("auto", "onednn", "blas"),
+                        help="how Helix runs linear layers on CPU (helix_daemon/cpu_linear.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = QUICK_PAIR if args.quick else FULL_PAIR
@@ -333,9 +335,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     draft, target = build_pair(spec)
 
     rows: list[dict[str, Any]] = []
-    engines = {"helix": make_engine(target, "none", 0),
-               "helix+draft": make_engine(target, str(draft), args.num_speculative),
-               "helix+ngram": make_engine(target, "ngram", args.num_speculative)}
+    k, form = args.num_speculative, args.cpu_linear
+    engines = {"helix": make_engine(target, "none", 0, form),
+               "helix+draft": make_engine(target, str(draft), k, form),
+               "helix+ngram": make_engine(target, "ngram", k, form)}
+    # Helix's plain decoding with F.linear, as HF runs it: how much of Helix's lead over HF
+    # comes from running linear layers through oneDNN rather than from scheduling or speculation
+    blas_plain = make_engine(target, "none", 0, "blas") if form != "blas" else None
     hf_target, hf_draft = load_hf(target), load_hf(draft)
     for batch in batches:
         work = make_workload(max(batch, 4), spec.vocab_size, max_tokens)
@@ -350,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         plain = run_helix(engines["helix"], "helix", work, batch)
         runs = [*hf_runs, plain, run_helix(engines["helix+draft"], "helix+draft", work, batch),
                 run_helix(engines["helix+ngram"], "helix+ngram", work, batch)]
+        if blas_plain is not None:
+            runs.append(run_helix(blas_plain, "helix(F.linear)", work, batch))
         rows += [summarise(r, plain if r.method.startswith("helix") else None, reference)
                  for r in runs]
         for r in runs:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from helix_daemon.client import AsyncHelixClient, HelixClient, RequestResult
+from helix_daemon.config import CPU_LINEAR_CHOICES
 from helix_daemon.embedded import resolve_redis_url
 from helix_daemon.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, TokenEvent
 
@@ -109,6 +110,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="most draft tokens per sequence and step (default 4)")
     p.add_argument("--torch-threads", type=int,
                    help="CPU threads for torch's kernels (default: torch's, one per core)")
+    p.add_argument("--cpu-linear", choices=CPU_LINEAR_CHOICES,
+                   help="CPU linear layers: auto (default: oneDNN on packed weights where "
+                        "measured faster at load) | onednn | blas (F.linear)")
     p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
                    help="run the engine in a thread of the daemon instead of its own process")
 
@@ -194,6 +198,7 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> Any:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_speculative_tokens": args.num_speculative_tokens,
         "torch_threads": args.torch_threads, "engine_process": args.engine_process,
+        "cpu_linear": args.cpu_linear,
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),

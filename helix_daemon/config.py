@@ -13,6 +13,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from helix_daemon.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
 
 ENV_PREFIX = "HELIX_"
+# How linear layers run on CPU (helix_daemon/cpu_linear.py): measured at load, oneDNN on packed
+# weights, or F.linear (the BLAS torch was built with)
+CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
 
 
 def default_daemon_id(queue: str = DEFAULT_QUEUE, index: int = 0) -> str:
@@ -43,6 +46,7 @@ class DaemonConfig:
     max_num_batched_tokens: int = 1024  # tokens per step: bounds a prefill chunk's stall
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step (adaptive below)
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
+    cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
     # Run the engine in a child process, so its Python never waits for the event loop's GIL
     # (False: a thread of the daemon, as when a caller hands the daemon a built engine).
     engine_process: bool = True
@@ -74,6 +78,9 @@ class DaemonConfig:
             raise ValueError("max_waiting must be >= 0")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
+        if self.cpu_linear not in CPU_LINEAR_CHOICES:
+            raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, "
+                             f"got {self.cpu_linear!r}")
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
                   "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:

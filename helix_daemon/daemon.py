@@ -148,7 +148,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
                       engine=type(self._worker).__name__, device=info.device,
                       kv_blocks=info.kv_blocks, kv_block_size=info.kv_block_size,
-                      kv_bytes=info.kv_bytes)
+                      kv_bytes=info.kv_bytes, linear_form=info.linear_form)
         self.ready.set()
         return background, pulling
 
@@ -518,7 +518,8 @@ def build_engine(config: DaemonConfig) -> Any:
     kwargs: dict[str, Any] = dict(model=config.model, draft=config.draft, device=config.device,
                                   dtype=config.dtype, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  num_speculative_tokens=config.num_speculative_tokens)
+                                  num_speculative_tokens=config.num_speculative_tokens,
+                                  cpu_linear=config.cpu_linear)
     if config.kv_cache_bytes_or_fraction is not None:
         kwargs["kv_cache_memory"] = config.kv_cache_bytes_or_fraction
     if config.num_kv_blocks is not None:

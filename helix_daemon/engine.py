@@ -43,6 +43,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step
     adaptive_speculation: bool = True
     seed: int = 0
+    cpu_linear: str = "auto"  # auto (measured at load) | onednn | blas (cpu_linear.py)
 
 
 class TextStream:
@@ -114,7 +115,7 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        target = ModelRunner(config.model, dtype, device)
+        target = ModelRunner(config.model, dtype, device, config.cpu_linear)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         drafter = make_drafter(config.draft, target, tokenizer)
         return cls(config, target, tokenizer, drafter)

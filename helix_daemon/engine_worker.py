@@ -57,11 +57,13 @@ class EngineInfo:
     kv_blocks: int
     kv_block_size: int
     kv_bytes: int
+    linear_form: str | None  # CPU: "onednn" or "blas" (cpu_linear.py); None on other devices
 
     @classmethod
     def of(cls, engine: Any) -> EngineInfo:
         return cls(device=str(engine.device), kv_blocks=engine.allocator.num_blocks,
-                   kv_block_size=engine.config.block_size, kv_bytes=engine.kv_cache_bytes)
+                   kv_block_size=engine.config.block_size, kv_bytes=engine.kv_cache_bytes,
+                   linear_form=engine.target.linear_form)
 
 
 class CommandQueue(Protocol):

@@ -42,13 +42,13 @@ class ModelDrafter:
             raise DraftModelMismatch(
                 f"draft model {name!r} has a different tokenizer vocabulary from the target; "
                 "speculative decoding needs the same tokenizer")
-        runner = ModelRunner(name, target.dtype, target.device)
+        runner = ModelRunner(name, target.dtype, target.device, target.cpu_linear)
         if runner.vocab_size > target.vocab_size:
             raise DraftModelMismatch(
                 f"draft vocabulary ({runner.vocab_size}) is larger than the target's "
                 f"({target.vocab_size})")
         # decoding is memory-bound: a draft step costs about its share of the weights
-        cost = _num_params(runner.model) / _num_params(target.model)
+        cost = runner.num_params / target.num_params
         return cls(runner, target.vocab_size, cost)
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None:
@@ -107,7 +107,3 @@ class ModelDrafter:
             if probs is not None:
                 q[i, : probs.shape[0]] = probs.to(dtype)
         return q
-
-
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -15,6 +15,7 @@ import torch
 import transformers
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from helix_daemon.cpu_linear import choose_linears
 from kvpool.attention import AttentionMetadata, paged_attention, write_kv
 from kvpool.kv_cache import KVCacheSpec, PagedKVCache
 
@@ -72,13 +73,23 @@ def load_causal_lm(model: str, dtype: torch.dtype, device: torch.device) -> torc
 
 
 class ModelRunner:
-    """One model, its paged KV cache, and the packed forward pass."""
+    """One model, its paged KV cache, and the packed forward pass.
 
-    def __init__(self, model: str, dtype: torch.dtype, device: torch.device) -> None:
+    ``cpu_linear`` (CPU only): ``auto`` runs the linear layers through oneDNN on packed weights
+    when that measures faster at load (``cpu_linear.py``), ``onednn`` always, ``blas`` never.
+    """
+
+    def __init__(self, model: str, dtype: torch.dtype, device: torch.device,
+                 cpu_linear: str = "auto") -> None:
         self.model = load_causal_lm(model, dtype, device)
         self.config = self.model.config
         self.dtype = dtype
         self.device = device
+        self.num_params = sum(p.numel() for p in self.model.parameters())  # before packing
+        self.cpu_linear = cpu_linear
+        # the form in use: "onednn" or "blas" on CPU, None elsewhere
+        self.linear_form = choose_linears(self.model, cpu_linear) \
+            if device.type == "cpu" else None
         self.kv_spec = kv_spec_from_config(self.config, dtype, device)
         self.cache: PagedKVCache | None = None
         self._body = self.model.base_model
@@ -86,7 +97,7 @@ class ModelRunner:
 
     @property
     def vocab_size(self) -> int:
-        return self._head.weight.shape[0]
+        return self._head.out_features
 
     @property
     def max_context(self) -> int:

@@ -73,5 +73,6 @@ def run_engine(engine: Engine, jobs: list[Job], params_of=None,  # noqa: ANN001
 
 
 def make_engine(path: str, **overrides: object) -> Engine:
-    config = EngineConfig(model=path, device="cpu", dtype="float64", **overrides)
+    settings: dict[str, object] = {"device": "cpu", "dtype": "float64", **overrides}
+    config = EngineConfig(model=path, **settings)  # type: ignore[arg-type]
     return Engine.from_config(config)

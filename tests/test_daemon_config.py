@@ -18,11 +18,13 @@ def test_from_env_reads_every_kind_of_field() -> None:
     """Ints, floats, bools, optional ints and strings all come from HELIX_<FIELD>."""
     env = {"HELIX_MODEL": "/m", "HELIX_LEASE_MS": "1500", "HELIX_RECLAIM_INTERVAL_S": "0.25",
            "HELIX_LOG_JSON": "false", "HELIX_NUM_KV_BLOCKS": "64", "HELIX_DAEMON_ID": "d7",
-           "HELIX_KV_CACHE_MEMORY": "0.5", "HELIX_TORCH_THREADS": "1", "UNRELATED": "x"}
+           "HELIX_KV_CACHE_MEMORY": "0.5", "HELIX_TORCH_THREADS": "1", "HELIX_CPU_LINEAR": "blas",
+           "UNRELATED": "x"}
     config = DaemonConfig.from_env(env)
     assert (config.model, config.lease_ms, config.reclaim_interval_s) == ("/m", 1500, 0.25)
     assert config.log_json is False and config.num_kv_blocks == 64 and config.daemon_id == "d7"
     assert config.kv_cache_bytes_or_fraction == 0.5 and config.torch_threads == 1
+    assert config.cpu_linear == "blas"
     assert DaemonConfig.from_env({"HELIX_NUM_KV_BLOCKS": "none"}).num_kv_blocks is None
 
 
@@ -37,6 +39,7 @@ def test_overrides_win_over_the_environment() -> None:
     {"HELIX_LOG_JSON": "maybe"}, {"HELIX_RECLAIM_INTERVAL_S": "1s"}, {"HELIX_QUEUE": "a{b}"},
     {"HELIX_KV_CACHE_MEMORY": "lots"}, {"HELIX_METRICS_PORT": "70000"},
     {"HELIX_DRAIN_TIMEOUT_S": "-1"}, {"HELIX_NUM_KV_BLOCKS": "0"}, {"HELIX_TORCH_THREADS": "0"},
+    {"HELIX_CPU_LINEAR": "fast"},
 ])
 def test_bad_values_raise(env: dict[str, str]) -> None:
     """A value that does not parse or is out of range raises ValueError, never a silent default."""
@@ -50,7 +53,8 @@ def test_heartbeat_ttl_covers_three_beats() -> None:
 
 
 def test_torch_threads_reach_torch_when_the_engine_loads(tiny_model_path) -> None:
-    """torch_threads (HELIX_TORCH_THREADS, --torch-threads) sets torch's kernel thread count."""
+    """torch_threads (HELIX_TORCH_THREADS, --torch-threads) sets torch's kernel thread count;
+    cpu_linear (HELIX_CPU_LINEAR, --cpu-linear) reaches the model runner."""
     import torch
 
     from helix_daemon.daemon import build_engine
@@ -58,8 +62,9 @@ def test_torch_threads_reach_torch_when_the_engine_loads(tiny_model_path) -> Non
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        build_engine(DaemonConfig(model=str(tiny_model_path), device="cpu", num_kv_blocks=16,
-                                  torch_threads=1))
+        engine = build_engine(DaemonConfig(model=str(tiny_model_path), device="cpu",
+                                           num_kv_blocks=16, torch_threads=1, cpu_linear="blas"))
         assert torch.get_num_threads() == 1
+        assert engine.target.linear_form == "blas"
     finally:
         torch.set_num_threads(before)
