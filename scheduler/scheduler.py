@@ -21,12 +21,15 @@ from kvpool.block_table import BlockTable
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
 from scheduler.sequence import Sequence, SequenceStatus, TextStream
-from scheduler.speculation import record_acceptance
 
 
 class DraftPolicy(Protocol):
     def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
         """K for each decoding sequence this step, each at most its cap."""
+        ...
+
+    def record_acceptance(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """How many of the ``proposed`` drafts of ``seq`` were accepted this step."""
         ...
 
 
@@ -273,7 +276,8 @@ class Scheduler:
             return
         seq.num_draft_proposed += proposed
         seq.num_draft_accepted += accepted
-        record_acceptance(seq, proposed, accepted)
+        if self.draft_policy is not None:
+            self.draft_policy.record_acceptance(seq, proposed, accepted)
 
     def _append_tokens(self, seq: Sequence, tokens: Seq[int]) -> SeqUpdate:
         new_ids: list[int] = []

@@ -48,7 +48,6 @@ class Sequence:
         self.num_draft_accepted = 0
         # Recent per-token draft acceptance, for adaptive K: decayed counts of accepted drafts
         # and of drafts judged (accepted ones plus the first rejected one of each step).
-        self.acceptance_ema: float | None = None
         self.recent_accepted = 0.0
         self.recent_judged = 0.0
 

@@ -20,19 +20,39 @@ from dataclasses import dataclass, field
 from scheduler.sequence import Sequence
 
 ACCEPTANCE_MEMORY = 0.9  # per step: a sequence's acceptance reflects about its last 10 steps
+# While a sequence does not draft, its evidence fades by this per step, so its acceptance
+# drifts back toward the prior and it gets tried again.
+FADE_WHILE_PLAIN = 0.95
+PRIOR_WEIGHT = 2.0  # the prior acceptance counts as this many judged drafts
+# Per sequence-step: the drafter's acceptance over its recent ~100 sequence-steps, which is the
+# prior of each sequence (a draft model's drafts and random text's n-grams differ widely).
+DRAFTER_MEMORY = 0.99
+# A sequence that resumes drafting first feeds the draft model every token it skipped: a cost
+# paid once, so it is spread over this many drafted steps when drafting is weighed.
+CATCH_UP_PAYBACK_STEPS = 8
 
 
 def record_acceptance(seq: Sequence, proposed: int, accepted: int) -> None:
-    """Update ``seq.acceptance_ema``, the per-token acceptance alpha that adaptive K plans with.
+    """Add one step's drafts to ``seq``'s decayed counts of accepted and judged drafts.
 
     Acceptance stops at the first rejection, so a step judges its accepted drafts and that one:
-    accepted / judged is the estimate of alpha (the maximum-likelihood one for the theory's
-    geometric acceptance). Accepted / proposed would not be: for the same alpha it falls as K
-    grows (drafts after a rejection are never judged), which steered K down.
+    accepted / judged estimates the per-token alpha (the maximum-likelihood estimate for the
+    theory's geometric acceptance). Accepted / proposed would not: for the same alpha it falls
+    as K grows (drafts after a rejection are never judged), which steered K down.
     """
     seq.recent_accepted = ACCEPTANCE_MEMORY * seq.recent_accepted + accepted
     seq.recent_judged = ACCEPTANCE_MEMORY * seq.recent_judged + accepted + (accepted < proposed)
-    seq.acceptance_ema = seq.recent_accepted / seq.recent_judged
+
+
+def estimated_acceptance(seq: Sequence, prior: float) -> float:
+    """Alpha from ``seq``'s counts, with the prior worth ``PRIOR_WEIGHT`` judged drafts.
+
+    Without the prior, one drafted step says alpha is 0 or 1 (1 of 1 accepted, or 0 of 1): a
+    batch's first probe then gave half its sequences K = 4 and promised a 60 % gain that a
+    compute-bound batch could never realise.
+    """
+    alpha = (seq.recent_accepted + PRIOR_WEIGHT * prior) / (seq.recent_judged + PRIOR_WEIGHT)
+    return min(alpha, 0.99)
 
 
 class StepCostModel:
@@ -152,12 +172,18 @@ class DraftingRecord:
         return self.plain_rate is not None and self.draft_rate is not None and \
             self.draft_rate < self.plain_rate
 
-    def lets_draft(self) -> bool:
-        """May this step draft, when the cost model says it should?"""
+    def lets_draft(self, loses_at_smaller_batches: bool = False) -> bool:
+        """May this step draft, when the cost model says it should?
+
+        ``loses_at_smaller_batches``: a smaller range's verdict is that drafting loses. A
+        larger batch is more compute-bound, so each verify slot costs more there: until this
+        range has a drafted sample of its own it takes that verdict, probing like a range
+        where drafting lost instead of exploring from scratch.
+        """
         if self.probe_steps_left:
             self.probe_steps_left -= 1
             return True
-        if self.drafting_loses():
+        if self.drafting_loses() or (loses_at_smaller_batches and self.draft_rate is None):
             # Probe drafting ever more rarely: after plain steps the draft model must first
             # catch up on every token it skipped, so each probe costs a draft prefill.
             if self.steps - self.last_draft < self.draft_probe_every:
@@ -201,7 +227,9 @@ class AdaptiveDraftPolicy:
         self.target = StepCostModel()
         self.draft_pass = StepCostModel(b=0.0)
         self.num_draft_observations = 0  # until the first, a pass costs draft_cost target steps
-        self.prior_acceptance = prior_acceptance
+        self.prior_acceptance = prior_acceptance  # until the drafter has been judged
+        self.accepted = 0.0  # the drafter's decayed counts, over all sequences
+        self.judged = 0.0
         self.records: dict[int, DraftingRecord] = {}  # batch-size bucket -> outcomes
         self._pending: tuple[DraftingRecord, int] | None = None  # this step's record, seqs
 
@@ -230,9 +258,20 @@ class AdaptiveDraftPolicy:
             return self.draft_pass.predict(num_tokens)
         return self.draft_cost * self.target.predict(num_tokens)
 
+    def record_acceptance(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """One sequence-step's drafts judged: update the sequence's and the drafter's counts."""
+        record_acceptance(seq, proposed, accepted)
+        self.accepted = DRAFTER_MEMORY * self.accepted + accepted
+        self.judged = DRAFTER_MEMORY * self.judged + accepted + (accepted < proposed)
+
+    @property
+    def drafter_acceptance(self) -> float:
+        """What this drafter's drafts have been accepted at lately: each sequence's prior."""
+        return (self.accepted + PRIOR_WEIGHT * self.prior_acceptance) / \
+            (self.judged + PRIOR_WEIGHT)
+
     def acceptance(self, seq: Sequence) -> float:
-        alpha = seq.acceptance_ema
-        return self.prior_acceptance if alpha is None else min(alpha, 0.99)
+        return estimated_acceptance(seq, self.drafter_acceptance)
 
     def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
         """K for each sequence (at most its cap); ``num_other_tokens`` = prefill tokens etc."""
@@ -240,36 +279,52 @@ class AdaptiveDraftPolicy:
         if not self.adaptive or not seqs:
             return list(caps)
         ks = self._by_cost(seqs, caps, num_other_tokens)
-        record = self.records.setdefault(len(seqs).bit_length(), DraftingRecord())
+        bucket = len(seqs).bit_length()
+        record = self.records.setdefault(bucket, DraftingRecord())
         record.steps += 1
         if num_other_tokens == 0:  # prefill chunks would blur the rates
             self._pending = (record, len(seqs))
-        if any(ks) and not record.lets_draft():
+        if any(ks) and not record.lets_draft(self._loses_below(bucket)):
             return [0] * len(seqs)
         return ks
+
+    def _loses_below(self, bucket: int) -> bool:
+        return any(b < bucket and r.drafting_loses() for b, r in self.records.items())
 
     def _by_cost(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
         """The K per sequence that maximises predicted tokens per second."""
         alphas = [self.acceptance(s) for s in seqs]
+        # tokens the draft model has not seen beyond the 1-2 a drafting sequence feeds it
+        behind = [max(0, len(s.token_ids) - s.num_draft_computed - 2) for s in seqs]
         base = num_other_tokens + len(seqs)
-        best_rate, best_ks = self._rate(alphas, [0] * len(seqs), base), [0] * len(seqs)
+
+        def rate(ks: list[int]) -> float:
+            return self._rate(alphas, ks, base, behind)
+
+        best_rate, best_ks = rate([0] * len(seqs)), [0] * len(seqs)
         for k_max in range(1, max(caps, default=0) + 1):
             full = [min(k_max, cap) for cap in caps]
             # trimming by the line's marginal cost can be wrong on a staircase: keep both
-            for ks in (full, self._trim(alphas, full, self._rate(alphas, full, base))):
-                rate = self._rate(alphas, ks, base)
-                if rate > best_rate:
-                    best_rate, best_ks = rate, ks
+            for ks in (full, self._trim(alphas, full, rate(full))):
+                if rate(ks) > best_rate:
+                    best_rate, best_ks = rate(ks), ks
         for seq, k in zip(seqs, best_ks):
-            if k == 0 and seq.acceptance_ema is not None:  # drift back so it gets re-probed
-                seq.acceptance_ema += 0.05 * (self.prior_acceptance - seq.acceptance_ema)
+            if k == 0:
+                seq.recent_accepted *= FADE_WHILE_PLAIN
+                seq.recent_judged *= FADE_WHILE_PLAIN
         return best_ks
 
-    def _rate(self, alphas: list[float], ks: list[int], base: int) -> float:
+    def _rate(self, alphas: list[float], ks: list[int], base: int, behind: list[int]) -> float:
         tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, ks))
         seconds = self.target.predict(base + sum(ks))
         for j in range(1, max(ks, default=0) + 1):
             seconds += self.draft_pass_seconds(sum(k >= j for k in ks))
+        drafting = sum(k > 0 for k in ks)
+        skipped = sum(b for b, k in zip(behind, ks) if k > 0)
+        if skipped:  # at a large batch, resuming can cost more than drafting ever gains
+            catch_up = self.draft_pass_seconds(drafting + skipped) - \
+                self.draft_pass_seconds(drafting)
+            seconds += catch_up / CATCH_UP_PAYBACK_STEPS
         return tokens / seconds
 
     def _trim(self, alphas: list[float], ks: list[int], rate: float) -> list[int]:

@@ -10,13 +10,17 @@ from scheduler.speculation import (
     AdaptiveDraftPolicy,
     DraftingRecord,
     StepCostModel,
+    estimated_acceptance,
     record_acceptance,
 )
 
 
 def _seq(name: str, acceptance: float | None) -> Sequence:
+    """A sequence with long evidence of ``acceptance`` (None: none at all, the prior rules)."""
     seq = Sequence(name, [1, 2, 3], RequestParams(max_tokens=64), arrival=0)
-    seq.acceptance_ema = acceptance
+    if acceptance is not None:
+        seq.recent_judged = 1e4
+        seq.recent_accepted = 1e4 * acceptance
     return seq
 
 
@@ -150,10 +154,29 @@ def test_acceptance_estimate_is_per_token_alpha_whatever_k() -> None:
     for _ in range(30):
         record_acceptance(long_drafts, proposed=4, accepted=2)
         record_acceptance(short_drafts, proposed=3, accepted=2)  # 2 accepted, the 3rd rejected
-    assert long_drafts.acceptance_ema == pytest.approx(2 / 3)
-    assert short_drafts.acceptance_ema == pytest.approx(2 / 3)
+    assert estimated_acceptance(long_drafts, 0.7) == pytest.approx(2 / 3, abs=0.005)
+    assert estimated_acceptance(short_drafts, 0.7) == pytest.approx(2 / 3, abs=0.005)
     record_acceptance(long_drafts, proposed=4, accepted=0)  # one bad step lowers it, gently
-    assert 0.55 < long_drafts.acceptance_ema < 2 / 3
+    assert 0.55 < estimated_acceptance(long_drafts, 0.7) < 2 / 3
+
+
+def test_one_drafted_step_moves_acceptance_only_part_way_from_the_prior() -> None:
+    """A single drafted step (1 of 1 accepted, or 0 of 1) is weak evidence: the estimate moves
+    from the prior toward it but stays far from 1 or 0, so one lucky draft does not earn K = 4
+    in a batch that cannot afford it; evidence fades while the sequence drafts nothing."""
+    lucky, unlucky = _seq("lucky", None), _seq("unlucky", None)
+    assert estimated_acceptance(lucky, 0.7) == pytest.approx(0.7)
+    record_acceptance(lucky, proposed=1, accepted=1)
+    record_acceptance(unlucky, proposed=1, accepted=0)
+    assert 0.7 < estimated_acceptance(lucky, 0.7) < 0.85
+    assert 0.4 < estimated_acceptance(unlucky, 0.7) < 0.7
+    policy = _policy({n: 25.0 + 20.0 * n for n in range(1, 40)}, draft_pass_ms=3.0)
+    hopeless = _seq("hopeless", 0.0)
+    hopeless.recent_judged = hopeless.recent_accepted = 0.0
+    record_acceptance(hopeless, proposed=4, accepted=0)
+    before = estimated_acceptance(hopeless, 0.7)
+    assert policy.choose([hopeless], [4], 0) == [0]  # dear verify slots: no drafts
+    assert estimated_acceptance(hopeless, 0.7) > before  # drifting back toward the prior
 
 
 def test_realised_rates_age_with_the_steps_of_their_range() -> None:
@@ -167,3 +190,54 @@ def test_realised_rates_age_with_the_steps_of_their_range() -> None:
     record.steps = 540
     record.observe(True, 3.0, 3 / 60)  # a probe realising 60 tokens/s
     assert record.draft_rate == pytest.approx(60.0, rel=0.01)
+
+
+def test_a_verdict_that_drafting_loses_carries_to_larger_batches() -> None:
+    """Where drafted steps realised less at 2-3 sequences, a first batch of 4-7 (more compute
+    bound, so dearer verify slots) does not explore drafting from scratch: it drafts only as a
+    probe, after PROBE_EVERY plain steps; a smaller batch still explores on its own."""
+    policy = _policy({n: 25.0 for n in range(1, 40)}, draft_pass_ms=3.0)
+    pair = [_seq("a", 0.7), _seq("b", 0.7)]
+    for _ in range(40):
+        k = policy.choose(pair, [4, 4], 0)
+        policy.observe_outcome(any(k), 4 if any(k) else 2, 0.1 if any(k) else 0.025)
+    assert policy.records[2].drafting_loses()
+    crowd = [_seq(f"s{i}", 0.7) for i in range(5)]
+    drafted = []
+    for _ in range(AdaptiveDraftPolicy.PROBE_EVERY + 2):
+        k = policy.choose(crowd, [4] * 5, 0)
+        policy.observe_outcome(any(k), 5, 0.025)
+        drafted.append(any(k))
+    assert not any(drafted[:AdaptiveDraftPolicy.PROBE_EVERY - 1]) and any(drafted)
+    assert any(policy.choose([_seq("lone", 0.7)], [4], 0))  # below the losing range
+
+
+def test_resuming_drafts_weighs_the_draft_models_catch_up() -> None:
+    """A sequence that skipped drafting for 2,000 tokens must feed them all to the draft model
+    before it drafts again; where that pass costs far more than drafting would gain over the
+    next steps, the policy keeps decoding plain, while an in-sync sequence drafts."""
+    policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
+    for _ in range(5):
+        policy.observe_draft_pass(2002, 2.0)  # a 2,000-token catch-up pass: 2 s
+    synced, behind = _seq("synced", 0.7), _seq("behind", 0.7)
+    behind.token_ids += [5] * 2000
+    synced.num_draft_computed = len(synced.token_ids) - 1
+    assert policy.choose([synced], [4], 0)[0] > 0
+    assert policy.choose([behind], [4], 0) == [0]
+
+
+def test_a_new_sequence_starts_from_what_the_drafter_has_been_accepted_at() -> None:
+    """Once an n-gram drafter's proposals have mostly been rejected (random text), a sequence
+    it has not drafted for yet is expected to fare the same, not at the default 0.7, so a
+    compute-bound batch spends no verify slots on it; a drafter whose drafts were mostly
+    accepted lifts new sequences above the default instead."""
+    per_token = {n: 10.0 + 2.0 * n for n in range(1, 400)}
+    failing, succeeding = _policy(per_token, 0.0), _policy(per_token, 0.0)
+    for i in range(200):
+        failing.record_acceptance(_seq(f"f{i}", None), proposed=2, accepted=0)
+        succeeding.record_acceptance(_seq(f"s{i}", None), proposed=2, accepted=2)
+    assert failing.acceptance(_seq("new", None)) < 0.05
+    assert succeeding.acceptance(_seq("new", None)) > 0.9
+    crowd = [_seq(f"c{i}", None) for i in range(64)]
+    assert failing.choose(crowd, [4] * 64, 0) == [0] * 64
+    assert any(succeeding.choose(crowd, [4] * 64, 0))
