@@ -169,6 +169,19 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
     return run
 
 
+def run_helix_rounds(engines: dict[str, Engine], work: Workload, batch: int,
+                     rounds: int) -> list[Run]:
+    """Each engine's fastest of ``rounds`` runs, the order reversed every other round, so that
+    a drift in this shared machine's speed over minutes favours no method (one pass in a fixed
+    order swung the ratios by 5-10 %)."""
+    names = list(engines)
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            runs[name].append(run_helix(engines[name], name, work, batch))
+    return [max(runs[name], key=lambda r: r.tokens_per_s) for name in names]
+
+
 def _time_target_forwards(engine: Engine, run: Run) -> None:
     """Record each target forward's size and time (the verify cost the theory assumes free)."""
     forward = engine.target.forward
@@ -324,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--num-speculative", type=int, default=4, help="most K per step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of each Helix method per batch size; the fastest counts")
     parser.add_argument("--cpu-linear", default="auto", choices=("auto", "onednn", "blas"),
                         help="how Helix runs linear layers on CPU (helix_daemon/cpu_linear.py)")
     args = parser.parse_args(argv)
@@ -339,9 +354,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     engines = {"helix": make_engine(target, "none", 0, form),
                "helix+draft": make_engine(target, str(draft), k, form),
                "helix+ngram": make_engine(target, "ngram", k, form)}
-    # Helix's plain decoding with F.linear, as HF runs it: how much of Helix's lead over HF
-    # comes from running linear layers through oneDNN rather than from scheduling or speculation
-    blas_plain = make_engine(target, "none", 0, "blas") if form != "blas" else None
+    if form != "blas":
+        # Helix's plain decoding with F.linear, as HF runs it: how much of Helix's lead over HF
+        # comes from its linear layers rather than from scheduling or speculation
+        engines["helix(F.linear)"] = make_engine(target, "none", 0, "blas")
     hf_target, hf_draft = load_hf(target), load_hf(draft)
     for batch in batches:
         work = make_workload(max(batch, 4), spec.vocab_size, max_tokens)
@@ -353,11 +369,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                        run_hf("hf_prompt_lookup", work, model=hf_target,
                               prompt_lookup_num_tokens=args.num_speculative)]
         reference = hf_runs[0].outputs if hf_runs else _reference(hf_target, work)
-        plain = run_helix(engines["helix"], "helix", work, batch)
-        runs = [*hf_runs, plain, run_helix(engines["helix+draft"], "helix+draft", work, batch),
-                run_helix(engines["helix+ngram"], "helix+ngram", work, batch)]
-        if blas_plain is not None:
-            runs.append(run_helix(blas_plain, "helix(F.linear)", work, batch))
+        helix_runs = run_helix_rounds(engines, work, batch, args.rounds)
+        plain = helix_runs[0]
+        runs = [*hf_runs, *helix_runs]
         rows += [summarise(r, plain if r.method.startswith("helix") else None, reference)
                  for r in runs]
         for r in runs:
@@ -374,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "max_tokens": max_tokens, "num_speculative_tokens": args.num_speculative,
         "rows": rows, "targets": targets, "torch": torch.__version__,
         "transformers": transformers.__version__, "machine": platform.machine(),
-        "threads": args.threads, "loadavg": os.getloadavg(),
+        "threads": args.threads, "rounds": args.rounds, "loadavg": os.getloadavg(),
     }, indent=2))
     print(f"wrote {out}")
 

@@ -25,6 +25,8 @@ from helix_daemon.config import CPU_LINEAR_CHOICES
 ROWS_MEASURED = (1, 2, 3, 4, 6, 8, 16, 32, 128)  # decode, verify, batched decode, prefill
 SAMPLE_BYTES = 64 * 2**20  # more weight than a CPU cache holds, so timings include the reads
 TIMED_PASSES = 2  # per form and row count; the faster pass counts (the machine is shared)
+MIN_PASS_S = 0.002  # a timed pass repeats the sample until it lasts about this long
+WORST_RATIO = 1.25  # oneDNN must be no more than this much slower at any row count
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -79,8 +81,10 @@ def choose_linears(model: torch.nn.Module, choice: str = "auto") -> str:
 def onednn_faster(linears: list[torch.nn.Linear]) -> bool:
     """Time both forms over a sample of ``linears`` at each of ``ROWS_MEASURED``.
 
-    oneDNN wins when the geometric mean of its time ratios is below 1: each row count counts
-    the same, so the large, compute-bound ones do not drown the small decode-sized ones.
+    oneDNN wins when the geometric mean of its time ratios is below 1 (each row count counts
+    the same, so the large, compute-bound ones do not drown the small decode-sized ones) and it
+    is nowhere more than ``WORST_RATIO`` slower: on a tiny model its fixed cost per call made
+    1-row products 2.6x slower while larger ones won, which the mean alone would accept.
     """
     sample, total = [], 0
     for linear in linears:
@@ -90,8 +94,9 @@ def onednn_faster(linears: list[torch.nn.Linear]) -> bool:
         total += linear.weight.numel() * linear.weight.element_size()
     packed = {id(linear): pack(linear.weight) for linear in sample}
     with torch.inference_mode():
-        log_ratios = [math.log(_time_ratio(sample, packed, rows)) for rows in ROWS_MEASURED]
-    return sum(log_ratios) / len(log_ratios) < 0.0
+        ratios = [_time_ratio(sample, packed, rows) for rows in ROWS_MEASURED]
+    geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    return geomean < 1.0 and max(ratios) < WORST_RATIO
 
 
 def _time_ratio(sample: list[torch.nn.Linear], packed: dict[int, torch.Tensor],
@@ -111,16 +116,19 @@ def _time_ratio(sample: list[torch.nn.Linear], packed: dict[int, torch.Tensor],
     best = {blas: math.inf, onednn: math.inf}
     for form in best:
         form()  # warm-up: first touches, allocator, oneDNN's kernel generation
+    # a tiny model's pass takes microseconds: repeat it so that timer noise does not decide
+    repeats = max(1, min(100, int(MIN_PASS_S / max(_seconds(blas, 1), 1e-7)) + 1))
     for i in range(TIMED_PASSES):
         # alternate the order so that a drift in the machine's speed favours neither form
         for form in (blas, onednn) if i % 2 == 0 else (onednn, blas):
-            best[form] = min(best[form], _seconds(form))
+            best[form] = min(best[form], _seconds(form, repeats))
     return best[onednn] / best[blas]
 
 
-def _seconds(run: Callable[[], None]) -> float:
+def _seconds(run: Callable[[], None], repeats: int) -> float:
     started = time.perf_counter()
-    run()
+    for _ in range(repeats):
+        run()
     return time.perf_counter() - started
 
 
