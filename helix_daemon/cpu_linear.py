@@ -35,6 +35,7 @@ def onednn_available(dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+# torch.compile's own (private) ops for frozen CPU linears; onednn_available checks for them.
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` reordered into oneDNN's layout (an opaque tensor only ``PackedLinear`` reads)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -70,11 +71,17 @@ def choose_linears(model: torch.nn.Module, choice: str = "auto") -> str:
     linears = list(_distinct_linears(model))
     if choice == "blas" or not linears or not onednn_available(linears[0].weight.dtype):
         return "blas"
-    if choice == "auto" and not onednn_faster(linears):
+    try:
+        if choice == "auto" and not onednn_faster(linears):
+            return "blas"
+        packed = {name: PackedLinear(module) for name, module in model.named_modules()
+                  if type(module) is torch.nn.Linear}
+    except RuntimeError:  # private torch ops: a build whose oneDNN refuses falls back
+        if choice == "onednn":
+            raise
         return "blas"
-    for name, module in list(model.named_modules()):
-        if type(module) is torch.nn.Linear:
-            model.set_submodule(name, PackedLinear(module))
+    for name, module in packed.items():
+        model.set_submodule(name, module)
     return "onednn"
 
 
