@@ -36,19 +36,23 @@ def reference() -> dict[str, list[int]]:
     ("model", {"num_kv_blocks": 40, "max_num_batched_tokens": 128}),  # forced preemption
     ("ngram", {"num_kv_blocks": 512}),
     ("ngram", {"num_kv_blocks": 40, "max_num_batched_tokens": 128}),
+    ("model", {"num_kv_blocks": 512, "adaptive_speculation": True}),
 ])
 def test_greedy_speculation_matches_target_alone(drafter: str, overrides: dict[str, int]) -> None:
     """18 mixed requests decoded with drafts are token-identical to HF generate of the target.
 
-    Drafts are really proposed and partly accepted; with the small pool preemption happens too;
-    afterwards every block is free.
+    With fixed K drafts are really proposed and partly accepted; with the small pool preemption
+    happens too; afterwards every block is free. With adaptive K (which drafts as its timings
+    say, so how much varies with the machine's load) the output is the same.
     """
     draft, target = pair()
+    settings = {"adaptive_speculation": False, **overrides}
     engine = make_engine(target, draft=draft if drafter == "model" else "ngram",
-                         num_speculative_tokens=4, **overrides)
+                         num_speculative_tokens=4, **settings)
     assert run_engine(engine, mixed_jobs()) == reference()
     stats_ = engine.stats()
-    assert stats_.num_draft_proposed > 0 and stats_.num_draft_accepted > 0
+    if not settings["adaptive_speculation"]:
+        assert stats_.num_draft_proposed > 0 and stats_.num_draft_accepted > 0
     if overrides["num_kv_blocks"] == 40:
         assert stats_.num_preemptions > 0
     assert engine.allocator.num_free == engine.allocator.num_blocks
