@@ -306,8 +306,9 @@ class AdaptiveDraftPolicy:
             full = [min(k_max, cap) for cap in caps]
             # trimming by the line's marginal cost can be wrong on a staircase: keep both
             for ks in (full, self._trim(alphas, full, rate(full))):
-                if rate(ks) > best_rate:
-                    best_rate, best_ks = rate(ks), ks
+                candidate = rate(ks)
+                if candidate > best_rate:
+                    best_rate, best_ks = candidate, ks
         for seq, k in zip(seqs, best_ks):
             if k == 0:
                 seq.recent_accepted *= FADE_WHILE_PLAIN
