@@ -32,6 +32,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from helix_daemon.config import CPU_LINEAR_CHOICES
 from helix_daemon.engine import Engine, EngineConfig
 from helix_daemon.tiny_models import build_draft_target_pair
 from scheduler.params import RequestParams, SamplingParams
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of each Helix method per batch size; the fastest counts")
-    parser.add_argument("--cpu-linear", default="auto", choices=("auto", "onednn", "blas"),
+    parser.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_CHOICES,
                         help="how Helix runs linear layers on CPU (helix_daemon/cpu_linear.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
