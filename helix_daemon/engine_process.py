@@ -3,8 +3,9 @@
 In one process the engine's Python (scheduling, sampling, detokenising: most of a step for a
 small model) and the event loop's Redis work take turns on one GIL, so every event written
 lengthens a step. Here they run in parallel, as vLLM's engine core does: commands go to the
-child through a ``multiprocessing.Queue`` (its feeder thread pickles, so ``add`` never blocks
-the loop), step results come back through a pipe that a reader thread hands to the loop.
+child through a pipe the loop writes without blocking (``command_pipe.py``; on Windows a
+``multiprocessing.Queue``, whose feeder thread pickles), step results come back through a pipe
+that a reader thread hands to the loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from helix_daemon import command_pipe
+from helix_daemon.command_pipe import CommandReader, CommandWriter
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_worker import (
     EngineHandle,
@@ -43,15 +46,23 @@ class EngineProcess(EngineHandle):
         # spawn, not fork: a forked copy of a process holding torch's and the loop's threads
         # can deadlock, and spawn is what macOS and Windows have anyway.
         ctx = multiprocessing.get_context("spawn")
-        self._commands = ctx.Queue()
-        # Commands still buffered when the child is gone must not keep this process from
-        # exiting (the queue's feeder thread would wait for room in a pipe nobody reads).
-        self._commands.cancel_join_thread()
+        self._child_ends: list[multiprocessing.connection.Connection] = []  # closed once sent
+        child_commands: Any
+        if command_pipe.supported():
+            child_end, self._command_end = ctx.Pipe(duplex=False)
+            self._child_ends.append(child_end)
+            child_commands = CommandReader(child_end)
+            self._commands: Any = None  # a CommandWriter, opened on the loop by start()
+        else:
+            child_commands = self._commands = ctx.Queue()
+            # Commands still buffered when the child is gone must not keep this process from
+            # exiting (the queue's feeder thread would wait for room in a pipe nobody reads).
+            self._commands.cancel_join_thread()
         self._results, child_results = ctx.Pipe(duplex=False)
+        self._child_ends.append(child_results)
         self._clock = ctx.RawValue("d", 0.0)  # the running step's start, 0.0 = none
         self._process = ctx.Process(target=_child_main, name="helix-engine", daemon=True,
-                                    args=(config, self._commands, child_results, self._clock))
-        self._child_results: multiprocessing.connection.Connection | None = child_results
+                                    args=(config, child_commands, child_results, self._clock))
         self._reader = threading.Thread(target=self._read, name="helix-engine-reader",
                                         daemon=True)
         self._stopping = False
@@ -67,12 +78,15 @@ class EngineProcess(EngineHandle):
         """Spawn the child and wait until its model is loaded (slow: call off the loop)."""
         if self._stopping:
             raise EngineProcessError("stopped before the engine process started")
+        if self._commands is None:
+            self._commands = asyncio.run_coroutine_threadsafe(
+                CommandWriter.open(self._command_end), self._loop).result()
         self._process.start()
         if self._stopping:  # kill() came while the process was being started
             self._process.kill()
-        assert self._child_results is not None
-        self._child_results.close()  # so recv() sees EOF when the child dies
-        self._child_results = None
+        for end in self._child_ends:  # the child has its own copies; with ours closed,
+            end.close()                # recv() sees EOF when the child dies
+        self._child_ends = []
         try:
             hello = self._results.recv()
         except EOFError:
@@ -102,7 +116,8 @@ class EngineProcess(EngineHandle):
             self._process.join(5)
         if self._reader.is_alive():
             self._reader.join(5)
-        self._commands.close()
+        if self._commands is not None:
+            self._commands.close()
 
     def is_stalled(self, stall_s: float) -> bool:
         # A reader that died leaves the child blocked in send(), outside any step.
@@ -166,8 +181,9 @@ def _child_main(config: DaemonConfig, commands: Any,
 def _exit_with_parent() -> None:
     """A daemon killed with SIGKILL cannot stop its engine: the engine notices and exits.
 
-    (While stepping it would also fail to send; an idle engine only waits for commands, and the
-    command queue never reports its writer gone, since the child holds a copy of it.)
+    (While stepping it would also fail to send; an idle engine only waits for commands. The
+    command pipe reads as a stop once the daemon is gone, but Windows' command queue never
+    reports its writer gone, since the child holds a copy of it.)
     """
     parent = multiprocessing.parent_process()
     if parent is None:

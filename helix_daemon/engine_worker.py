@@ -66,10 +66,16 @@ class EngineInfo:
                    linear_form=engine.target.linear_form)
 
 
-class CommandQueue(Protocol):
-    """``queue.SimpleQueue`` in a thread, ``multiprocessing.Queue`` across processes."""
+class CommandSink(Protocol):
+    """Where a daemon sends commands: a ``queue.SimpleQueue`` read by the engine's thread, or
+    the engine process's pipe (``command_pipe.CommandWriter``, or a ``multiprocessing.Queue``)."""
 
     def put(self, item: Command) -> None: ...
+
+
+class CommandSource(Protocol):
+    """Where the engine's loop takes commands from."""
+
     def get(self, block: bool = True, timeout: float | None = None) -> Command: ...
     def get_nowait(self) -> Command: ...
 
@@ -94,7 +100,7 @@ class EngineHandle:
     """What a daemon holds of its engine, wherever the engine runs: commands in, ``info`` and
     the latest ``stats`` out (subclasses: ``EngineWorker``, ``EngineProcess``)."""
 
-    _commands: CommandQueue
+    _commands: CommandSink
     info: EngineInfo | None  # None until the engine is loaded
     stats: Any  # EngineStats after the latest step
 
@@ -123,11 +129,13 @@ class EngineWorker(EngineHandle):
     """Runs ``engine.step()`` while there is work and publishes each step's result."""
 
     def __init__(self, engine: Any, publish: Callable[[StepResult], None],
-                 commands: CommandQueue | None = None, clock: StepClock | None = None) -> None:
+                 commands: CommandSource | None = None, clock: StepClock | None = None) -> None:
         self.engine = engine
         self.info: EngineInfo | None = EngineInfo.of(engine)
         self._publish = publish
-        self._commands = commands if commands is not None else queue.SimpleQueue()
+        own: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._commands = own  # what add/abort/kill put, when the engine runs in this thread
+        self._source: CommandSource = commands if commands is not None else own
         self._clock: StepClock = clock if clock is not None else _Clock()
         self._thread = threading.Thread(target=self.run, name="helix-engine", daemon=True)
         self.stats: Any = engine.stats()  # replaced (never mutated) after every iteration
@@ -181,8 +189,8 @@ class EngineWorker(EngineHandle):
         block = not self.engine.has_unfinished()
         while True:
             try:
-                command = self._commands.get(timeout=_IDLE_WAIT_S) if block \
-                    else self._commands.get_nowait()
+                command = self._source.get(timeout=_IDLE_WAIT_S) if block \
+                    else self._source.get_nowait()
             except queue.Empty:
                 return True
             block = False
