@@ -71,7 +71,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self.ready = asyncio.Event()  # set once the engine is loaded and intake has started
         # Set before background tasks are cancelled: a loop whose cancellation got turned into
         # a timeout inside a client library still ends.
-        self._closing = False
+        self._closing = asyncio.Event()
         self._pulling = True  # intake and reclaim run until a stop is requested
         self._fatal: BaseException | None = None
         self._worker: EngineHandle | None = None
@@ -111,7 +111,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
             return 0 if self._fatal is None else 1
         finally:  # however run() ends (an error, a cancel), nothing it started outlives it
             self._pulling = False
-            self._closing = True  # loops end even where a library swallowed their cancel
+            self._closing.set()  # loops end even where a library swallowed their cancel
             for task in tasks:
                 task.cancel()
             if self._worker is not None:
@@ -159,7 +159,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
 
         def crashed(done: asyncio.Task[None]) -> None:
             if done.cancelled() or done.exception() is None or self._fatal is not None \
-                    or self._closing:  # the background tasks are being cancelled
+                    or self._closing.is_set():  # the background tasks are being cancelled
                 return
             self.log.error("task crashed", task=done.get_name(), error=repr(done.exception()))
             self._fatal = done.exception()
@@ -174,7 +174,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         await _cancel(pulling)
         if self._fatal is None:
             await self._drain()
-        self._closing = True
+        self._closing.set()
         await _cancel(background)
         assert self._worker is not None
         await asyncio.to_thread(self._worker.stop)
@@ -502,7 +502,14 @@ async def _cancel(tasks: list[asyncio.Task[Any]], timeout_s: float = 5.0) -> Non
         task.cancel()
     _done, stuck = await asyncio.wait(tasks, timeout=timeout_s)
     if stuck:
-        log.warning("tasks did not stop when cancelled", tasks=[t.get_name() for t in stuck])
+        log.warning("tasks did not stop when cancelled", tasks=[t.get_name() for t in stuck],
+                    awaiting=[_where(t) for t in stuck])
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """The innermost line a task is suspended at (what it is waiting for)."""
+    frames = task.get_stack()
+    return f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
 
 
 def build_engine(config: DaemonConfig) -> Any:

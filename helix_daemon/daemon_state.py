@@ -26,7 +26,7 @@ class DaemonState:
     _acks: list[str]  # entry ids whose terminal event is durable, to XACK
     _flush_needed: asyncio.Event
     _slots_freed: asyncio.Event  # set whenever free_slots() may have grown
-    _closing: bool
+    _closing: asyncio.Event  # set when the background loops are to end
     _worker: EngineHandle | None
 
     @property

@@ -20,7 +20,7 @@ class StreamWriterMixin(DaemonState):
 
     async def _flush_loop(self) -> None:
         failures = 0
-        while not self._closing:
+        while not self._closing.is_set():
             await self._flush_needed.wait()
             self._flush_needed.clear()
             try:

@@ -8,6 +8,7 @@ the meta flags (durable); expired ``timeout_s`` deadlines end requests with ``ti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -32,7 +33,7 @@ class UpkeepMixin(DaemonState):
     async def _lease_loop(self) -> None:
         period_s = min(self.config.lease_ms / 3000, self.config.heartbeat_interval_s)
         next_beat = 0.0
-        while not self._closing:
+        while not self._closing.is_set():
             try:
                 await self._renew_leases()
                 if time.monotonic() >= next_beat:
@@ -43,7 +44,10 @@ class UpkeepMixin(DaemonState):
             except REDIS_ERRORS as e:
                 self.log.warning("lease round failed", error=repr(e))
             self._expire_deadlines()
-            await asyncio.sleep(period_s)
+            # not a plain sleep: redis-py can swallow a cancel that lands mid-command, and the
+            # daemon's shutdown must not then wait out a whole period
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), period_s)
 
     async def _renew_leases(self) -> None:
         assert self._worker is not None
@@ -100,12 +104,12 @@ class UpkeepMixin(DaemonState):
 
     async def _cancel_listener(self) -> None:
         failures = 0
-        while not self._closing:
+        while not self._closing.is_set():
             try:
                 async with self.client.pubsub() as pubsub:
                     await pubsub.subscribe(p.cancel_channel(self.config.key_prefix))
                     failures = 0
-                    while not self._closing:
+                    while not self._closing.is_set():
                         message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                            timeout=1.0)
                         if message is not None:
