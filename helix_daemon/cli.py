@@ -103,7 +103,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, help="most sequences in a step (default 64)")
     p.add_argument("--max-waiting", type=int,
                    help="requests held beyond --max-num-seqs, ready for the next free place "
-                        "(default 8; 0 = hold no more than run)")
+                        "(default 16; 0 = hold no more than run)")
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="most tokens in a step (default 1024)")
     p.add_argument("--num-speculative-tokens", type=int,
