@@ -342,6 +342,8 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         attempt.deadline_ms = self._deadline_ms(attempt.entry_id, request.body)
         outputs, rejected = self._head_starts.adopt(engine_id)
         self._apply_results(outputs, rejected)
+        # The engine may have finished it already: no step is left to ask for this flush.
+        self._flush_needed.set()
 
     async def _reject_entry(self, entry_id: str, fields: dict[bytes, bytes],
                             error: p.BadEntryError) -> None:

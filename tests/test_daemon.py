@@ -5,6 +5,7 @@ Producers and readers use raw Redis commands, exactly as docs/protocol.md docume
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
@@ -238,6 +239,32 @@ def test_requests_settled_before_they_run(start_daemon, sync_redis, key_prefix) 
     wait_until(lambda: not daemon.engine.has_unfinished() and daemon.kv_blocks_used() == 0, 2,
                "the engine to drop the refused head starts")
     daemon.engine.check_integrity()
+
+
+def test_request_finished_before_its_claim_returns_is_written(start_daemon, sync_redis,
+                                                            key_prefix) -> None:
+    """A short request can finish in the engine while its claim is still on its way (a head
+    start): the claim's answer must then write what was held, though no engine step will
+    follow to trigger a flush. Here the claim is held back until the engine has finished the
+    request, so the race is forced every time; before the fix the request was never written."""
+    daemon = start_daemon()
+    wait_until(lambda: sync_redis.exists(p.daemon_key("t0", key_prefix)), 30, "t0 up")
+    state = daemon.daemon
+    claim_many = state.store.claim_many
+
+    async def claim_after_the_engine_finished(*args: object, **kwargs: object) -> object:
+        for _ in range(1000):  # the engine needs milliseconds; 10 s at most
+            held = state._head_starts._held.values()
+            if any(out.finished for outputs, _ in held for out in outputs):
+                break
+            await asyncio.sleep(0.01)
+        return await claim_many(*args, **kwargs)
+
+    state.store.claim_many = claim_after_the_engine_finished
+    enqueue(sync_redis, key_prefix, QUEUE, {"prompt": "Hello there", "max_tokens": 4}, "quick")
+    wait_all_finished(sync_redis, key_prefix, ["quick"], 30)
+    result = read_result(sync_redis, key_prefix, "quick")
+    assert isinstance(result.terminal, p.DoneEvent) and len(result.ids) == 4
 
 
 def test_timeout_and_poison(start_daemon, sync_redis, key_prefix) -> None:
