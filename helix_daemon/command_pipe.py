@@ -17,6 +17,7 @@ import pickle
 import queue
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 _HEADER = struct.Struct("!Q")  # payload length
@@ -44,18 +45,19 @@ class CommandWriter:
 
     def put(self, command: Any) -> None:
         payload = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = _HEADER.pack(len(payload)) + payload
-        if threading.get_ident() == self._loop_thread:
-            self._transport.write(frame)
-        else:  # a transport belongs to its loop's thread
-            self._loop.call_soon_threadsafe(self._transport.write, frame)
+        self._on_loop(self._transport.write, _HEADER.pack(len(payload)) + payload)
 
     def close(self) -> None:
         """Close once what is buffered is written (the transport flushes before it closes)."""
+        self._on_loop(self._transport.close)
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call ``fn`` now on the loop's thread, else through the loop: a transport belongs to
+        its loop's thread."""
         if threading.get_ident() == self._loop_thread:
-            self._transport.close()
+            fn(*args)
         else:
-            self._loop.call_soon_threadsafe(self._transport.close)
+            self._loop.call_soon_threadsafe(fn, *args)
 
 
 class CommandReader:

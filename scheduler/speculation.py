@@ -41,7 +41,17 @@ def record_acceptance(seq: Sequence, proposed: int, accepted: int) -> None:
     as K grows (drafts after a rejection are never judged), which steered K down.
     """
     seq.recent_accepted = ACCEPTANCE_MEMORY * seq.recent_accepted + accepted
-    seq.recent_judged = ACCEPTANCE_MEMORY * seq.recent_judged + accepted + (accepted < proposed)
+    seq.recent_judged = ACCEPTANCE_MEMORY * seq.recent_judged + _judged(proposed, accepted)
+
+
+def _judged(proposed: int, accepted: int) -> int:
+    """Drafts a step judged: the accepted ones, and the first rejected one if any."""
+    return accepted + (accepted < proposed)
+
+
+def _shrunk(accepted: float, judged: float, prior: float) -> float:
+    """accepted / judged, with ``prior`` counted as ``PRIOR_WEIGHT`` judged drafts."""
+    return (accepted + PRIOR_WEIGHT * prior) / (judged + PRIOR_WEIGHT)
 
 
 def estimated_acceptance(seq: Sequence, prior: float) -> float:
@@ -51,8 +61,7 @@ def estimated_acceptance(seq: Sequence, prior: float) -> float:
     batch's first probe then gave half its sequences K = 4 and promised a 60 % gain that a
     compute-bound batch could never realise.
     """
-    alpha = (seq.recent_accepted + PRIOR_WEIGHT * prior) / (seq.recent_judged + PRIOR_WEIGHT)
-    return min(alpha, 0.99)
+    return min(_shrunk(seq.recent_accepted, seq.recent_judged, prior), 0.99)
 
 
 class StepCostModel:
@@ -262,13 +271,12 @@ class AdaptiveDraftPolicy:
         """One sequence-step's drafts judged: update the sequence's and the drafter's counts."""
         record_acceptance(seq, proposed, accepted)
         self.accepted = DRAFTER_MEMORY * self.accepted + accepted
-        self.judged = DRAFTER_MEMORY * self.judged + accepted + (accepted < proposed)
+        self.judged = DRAFTER_MEMORY * self.judged + _judged(proposed, accepted)
 
     @property
     def drafter_acceptance(self) -> float:
         """What this drafter's drafts have been accepted at lately: each sequence's prior."""
-        return (self.accepted + PRIOR_WEIGHT * self.prior_acceptance) / \
-            (self.judged + PRIOR_WEIGHT)
+        return _shrunk(self.accepted, self.judged, self.prior_acceptance)
 
     def acceptance(self, seq: Sequence) -> float:
         return estimated_acceptance(seq, self.drafter_acceptance)
