@@ -159,7 +159,7 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
             step_start = time.perf_counter()
             step_outputs = engine.step()
             run.step_seconds.append(time.perf_counter() - step_start)
-            for _num_tokens, seconds in engine.drafter.pass_timings if engine.drafter else ():
+            for *_shape, seconds in engine.drafter.pass_timings if engine.drafter else ():
                 run.draft_seconds += seconds  # the drafter times each of its passes
                 run.draft_passes += 1
             for out in step_outputs:

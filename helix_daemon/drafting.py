@@ -20,7 +20,8 @@ from scheduler.scheduler import ScheduledSeq, StepPlan
 class Drafter(Protocol):
     kv_spec: KVCacheSpec | None  # None: the drafter keeps no KV
     relative_cost: float  # one draft step's time / one target step's time (c in the theory)
-    pass_timings: list[tuple[int, float]]  # (tokens fed, seconds) of each pass of the last step
+    # (sequences, tokens fed, seconds) of each pass of the last step
+    pass_timings: list[tuple[int, int, float]]
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None: ...
 
@@ -37,7 +38,7 @@ class NgramDrafter:
 
     kv_spec = None
     relative_cost = 0.0
-    pass_timings: list[tuple[int, float]] = []  # lookups are not model passes: cost ~0
+    pass_timings: list[tuple[int, int, float]] = []  # lookups are not model passes: cost ~0
 
     def __init__(self, max_ngram: int = 4) -> None:
         self.max_ngram = max_ngram

@@ -185,7 +185,7 @@ class Engine:
         now = time.perf_counter()
         # The verify pass's cost as adaptive K must weigh it: everything after the draft
         # passes, accept, rollback and outputs included (they grow with the drafts too).
-        self._policy.observe_target(num_tokens, now - verify_started)
+        self._policy.observe_target(len(plan.scheduled), num_tokens, now - verify_started)
         drafted = any(s.num_draft_slots for s in plan.scheduled)
         self._policy.observe_outcome(drafted, sum(len(ids) for ids in sampled),
                                      now - step_started, catch_up=new_prompt)
@@ -194,8 +194,8 @@ class Engine:
         assert self.drafter is not None
         self.drafter.propose(plan)
         if self._policy is not None:
-            for num_tokens, seconds in self.drafter.pass_timings:
-                self._policy.observe_draft_pass(num_tokens, seconds)
+            for num_seqs, num_tokens, seconds in self.drafter.pass_timings:
+                self._policy.observe_draft_pass(num_seqs, num_tokens, seconds)
 
     def _run(self, plan: StepPlan) -> tuple[list[list[int]], int]:
         """One packed target forward and acceptance: tokens per sequence, tokens verified."""

@@ -32,7 +32,7 @@ class ModelDrafter:
         self.generators: dict[str, torch.Generator | None] = {}  # set by the engine
         self.default_generator: torch.Generator | None = None
         self._probs: dict[int, torch.Tensor] = {}  # id(item) -> q of its drafts [k, vocab]
-        self.pass_timings: list[tuple[int, float]] = []
+        self.pass_timings: list[tuple[int, int, float]] = []
 
     @classmethod
     def load(cls, name: str, target: ModelRunner,
@@ -71,7 +71,7 @@ class ModelDrafter:
             tokens = sample(probs, [self.generators.get(s.seq.request_id) for s in active],
                             self.default_generator)
             num_fed = sum(len(feeds[id(s)]) for s in active)
-            self.pass_timings.append((num_fed, time.perf_counter() - started))
+            self.pass_timings.append((len(active), num_fed, time.perf_counter() - started))
             for i, item in enumerate(active):
                 item.draft_token_ids.append(int(tokens[i]))
                 drafts[id(item)].append(probs[i])

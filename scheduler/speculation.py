@@ -1,11 +1,13 @@
 """Adaptive speculation: how many draft tokens (K) each sequence gets this step.
 
-A step's time is the target's cost for ``n`` tokens (each verify slot adds to ``n``) plus, for
-each draft pass j, the draft's cost for the ``n_j`` sequences still drafting in that pass. Both
-costs are learned online (``StepCostModel``: measured per size, a fitted line elsewhere). A
-sequence with acceptance rate α expects ``(1 - α^(K+1)) / (1 - α)`` tokens from K drafts. The
-policy picks the shared cap that maximises expected tokens per second for the whole batch, and
-also tries dropping each draft whose expected gain ``α^j`` is worth less than its verify slot. At
+A step's time is the target's cost for its ``s`` sequences and ``n`` tokens (each verify slot
+adds to ``n``) plus, for each draft pass j, the draft's cost for the ``n_j`` sequences still
+drafting in that pass. Both costs are learned online (``StepCostModel``: measured per shape,
+else the plain step at this batch size plus a measured cost per extra token, else a fitted
+line). A sequence with acceptance rate α expects ``(1 - α^(K+1)) / (1 - α)`` tokens from K
+drafts. The policy picks the shared cap that maximises expected tokens per second for the whole
+batch, and also tries dropping each draft whose expected gain ``α^j`` is worth less than its
+verify slot; it drafts only where that promises ``REQUIRED_GAIN`` over plain decoding. At
 low load (memory-bound, verify slots nearly free) this approaches the single-sequence theory;
 under heavy load (compute-bound, each slot costs a token's worth of time) K falls to 0 and the
 step is plain decoding. A draft pass is timed on its own, so a pass that also catches the draft
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 from scheduler.sequence import Sequence
 
@@ -30,6 +33,11 @@ DRAFTER_MEMORY = 0.99
 # A sequence that resumes drafting first feeds the draft model every token it skipped: a cost
 # paid once, so it is spread over this many drafted steps when drafting is weighed.
 CATCH_UP_PAYBACK_STEPS = 8
+# Drafting must promise this much more than plain decoding. Near break-even the prediction's
+# errors and what it leaves out (the catch-up after plain steps, sequences that then finish at
+# different steps) decide: at batch 64 on a CPU, drafted steps that promised a few per cent
+# realised 0.94-0.96x plain decoding.
+REQUIRED_GAIN = 1.05
 
 
 def record_acceptance(seq: Sequence, proposed: int, accepted: int) -> None:
@@ -65,16 +73,27 @@ def estimated_acceptance(seq: Sequence, prior: float) -> float:
 
 
 class StepCostModel:
-    """Step time as a function of its token count: measured where seen, a line elsewhere.
+    """A pass's time from its shape: how many sequences it serves and how many tokens it runs.
 
-    The line is an online least squares fit of ``seconds = a + b * num_tokens`` with exponential
-    forgetting. Real cost is a staircase, not a line, and a machine-specific one (on one CPU host
-    a 3-token forward cost what a 1-token one does and a 4-token one 50% more; on another, 2 and
-    3 tokens cost 1.5x and 1.9x one token and 4-5 tokens no more than 3), so each small token
-    count keeps its own mean, and ``predict`` prefers it: the policy sees where a draft is cheap.
-    A size not seen for ``STALE_AFTER`` observations falls back to the line and is measured
-    afresh when next chosen, so one slow sample (a noisy neighbour) cannot keep the policy away
-    from that size for good.
+    Three estimates, the most specific that is fresh wins:
+
+    1. The shape itself, measured (token counts up to ``MAX_TABULATED``): its own mean. Cost is
+       a staircase, not a line, and a machine-specific one (on one CPU host a 3-token forward
+       cost what a 1-token one does and a 4-token one 50% more; on another, 2 and 3 tokens cost
+       1.5x and 1.9x one token and 4-5 tokens no more than 3): the policy sees where a draft is
+       cheap.
+    2. The plain step of as many sequences (one token each), measured, plus the extra tokens at
+       the marginal cost per token measured at this batch size (or the nearest one measured).
+       Sequences matter as much as tokens: each brings its own attention over its context, and
+       from some batch size on every extra row costs real compute. Keyed by tokens alone, 16
+       sequences verifying 4 drafts each (80 tokens, measured) made drafting for 64 sequences
+       look nearly free, and it ran at 0.96x plain decoding.
+    3. A line ``a + b * num_tokens``: online least squares with exponential forgetting over
+       every pass, for shapes and batch sizes not seen yet.
+
+    A measurement not refreshed for ``STALE_AFTER`` observations is dropped in favour of the
+    next estimate and taken afresh when next seen, so one slow sample (a noisy neighbour) cannot
+    keep the policy away from that shape for good.
     """
 
     MAX_TABULATED = 512
@@ -83,26 +102,51 @@ class StepCostModel:
     def __init__(self, a: float = 1.0, b: float = 0.01, decay: float = 0.97) -> None:
         self.a, self.b, self.decay = a, b, decay
         self._sums = [0.0] * 5  # weight, n, t, n*n, n*t
-        self._measured: dict[int, tuple[float, int]] = {}  # size -> (mean seconds, last seen)
+        # (sequences, tokens) -> (mean seconds, observation count when last seen)
+        self._measured: dict[tuple[int, int], tuple[float, int]] = {}
+        self._marginal: dict[int, tuple[float, int]] = {}  # sequences -> seconds per extra token
         self._num_observed = 0
 
-    def predict(self, num_tokens: int) -> float:
-        measured = self._measured.get(num_tokens)
-        if measured is not None and not self._stale(measured):
-            return measured[0]
+    def predict(self, num_seqs: int, num_tokens: int) -> float:
+        exact = self._fresh(self._measured, (num_seqs, num_tokens))
+        if exact is not None:
+            return exact
+        plain = self._fresh(self._measured, (num_seqs, num_seqs))
+        if plain is not None and num_tokens > num_seqs:
+            return plain + self.marginal_cost(num_seqs) * (num_tokens - num_seqs)
         return self.a + self.b * num_tokens
 
-    def _stale(self, measured: tuple[float, int]) -> bool:
-        return self._num_observed - measured[1] > self.STALE_AFTER
+    def marginal_cost(self, num_seqs: int) -> float:
+        """Seconds one more token adds to a pass over ``num_seqs`` sequences."""
+        fresh = [s for s, entry in self._marginal.items() if not self._stale(entry)]
+        if not fresh:
+            return self.b
+        nearest = min(fresh, key=lambda s: abs(s - num_seqs))
+        return self._marginal[nearest][0]
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
+    def observe(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
         self._num_observed += 1
+        plain = self._fresh(self._measured, (num_seqs, num_seqs))
+        if plain is not None and num_tokens > num_seqs:
+            per_token = max(0.0, (seconds - plain) / (num_tokens - num_seqs))
+            self._blend(self._marginal, num_seqs, per_token)
         if num_tokens <= self.MAX_TABULATED:
-            old = self._measured.get(num_tokens)
-            fresh = old is None or self._stale(old)
-            mean = seconds if fresh else 0.8 * old[0] + 0.2 * seconds
-            self._measured[num_tokens] = (mean, self._num_observed)
-        n, t = float(num_tokens), seconds
+            self._blend(self._measured, (num_seqs, num_tokens), seconds)
+        self._fit_line(float(num_tokens), seconds)
+
+    def _fresh(self, table: dict[Any, tuple[float, int]], key: Any) -> float | None:
+        entry = table.get(key)
+        return None if entry is None or self._stale(entry) else entry[0]
+
+    def _stale(self, entry: tuple[float, int]) -> bool:
+        return self._num_observed - entry[1] > self.STALE_AFTER
+
+    def _blend(self, table: dict[Any, tuple[float, int]], key: Any, value: float) -> None:
+        old = self._fresh(table, key)
+        mean = value if old is None else 0.8 * old + 0.2 * value
+        table[key] = (mean, self._num_observed)
+
+    def _fit_line(self, n: float, t: float) -> None:
         self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, n, t, n * n, n * t))]
         w, sn, st, snn, snt = self._sums
         variance = w * snn - sn * sn
@@ -110,7 +154,7 @@ class StepCostModel:
             b = (w * snt - sn * st) / variance
             self.b = max(b, 0.0)
             self.a = max((st - self.b * sn) / w, 1e-9)
-        else:  # every step the same size: keep b, refit the intercept
+        else:  # every pass the same size: keep b, refit the intercept
             self.a = max(st / w - self.b * sn / w, 1e-9)
 
 
@@ -255,17 +299,17 @@ class AdaptiveDraftPolicy:
             record, num_seqs = pending
             record.observe(drafted, num_tokens / num_seqs, seconds)
 
-    def observe_target(self, num_tokens: int, seconds: float) -> None:
-        self.target.observe(num_tokens, seconds)
+    def observe_target(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
+        self.target.observe(num_seqs, num_tokens, seconds)
 
-    def observe_draft_pass(self, num_tokens: int, seconds: float) -> None:
-        self.draft_pass.observe(num_tokens, seconds)
+    def observe_draft_pass(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
+        self.draft_pass.observe(num_seqs, num_tokens, seconds)
         self.num_draft_observations += 1
 
-    def draft_pass_seconds(self, num_tokens: int) -> float:
+    def draft_pass_seconds(self, num_seqs: int, num_tokens: int) -> float:
         if self.num_draft_observations:
-            return self.draft_pass.predict(num_tokens)
-        return self.draft_cost * self.target.predict(num_tokens)
+            return self.draft_pass.predict(num_seqs, num_tokens)
+        return self.draft_cost * self.target.predict(num_seqs, num_tokens)
 
     def record_acceptance(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """One sequence-step's drafts judged: update the sequence's and the drafter's counts."""
@@ -309,11 +353,12 @@ class AdaptiveDraftPolicy:
         def rate(ks: list[int]) -> float:
             return self._rate(alphas, ks, base, behind)
 
-        best_rate, best_ks = rate([0] * len(seqs)), [0] * len(seqs)
+        best_rate, best_ks = REQUIRED_GAIN * rate([0] * len(seqs)), [0] * len(seqs)
+        slot_cost = self.target.marginal_cost(len(seqs))
         for k_max in range(1, max(caps, default=0) + 1):
             full = [min(k_max, cap) for cap in caps]
-            # trimming by the line's marginal cost can be wrong on a staircase: keep both
-            for ks in (full, self._trim(alphas, full, rate(full))):
+            # trimming by the marginal cost can be wrong on a staircase: keep both
+            for ks in (full, self._trim(alphas, full, slot_cost * rate(full))):
                 candidate = rate(ks)
                 if candidate > best_rate:
                     best_rate, best_ks = candidate, ks
@@ -325,20 +370,21 @@ class AdaptiveDraftPolicy:
 
     def _rate(self, alphas: list[float], ks: list[int], base: int, behind: list[int]) -> float:
         tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, ks))
-        seconds = self.target.predict(base + sum(ks))
+        seconds = self.target.predict(len(ks), base + sum(ks))
         for j in range(1, max(ks, default=0) + 1):
-            seconds += self.draft_pass_seconds(sum(k >= j for k in ks))
+            passing = sum(k >= j for k in ks)
+            seconds += self.draft_pass_seconds(passing, passing)
         drafting = sum(k > 0 for k in ks)
         skipped = sum(b for b, k in zip(behind, ks) if k > 0)
         if skipped:  # at a large batch, resuming can cost more than drafting ever gains
-            catch_up = self.draft_pass_seconds(drafting + skipped) - \
-                self.draft_pass_seconds(drafting)
+            catch_up = self.draft_pass_seconds(drafting, drafting + skipped) - \
+                self.draft_pass_seconds(drafting, drafting)
             seconds += catch_up / CATCH_UP_PAYBACK_STEPS
         return tokens / seconds
 
-    def _trim(self, alphas: list[float], ks: list[int], rate: float) -> list[int]:
-        """Drop draft j of a sequence when its expected gain α^j is worth less than its slot."""
-        slot_value = self.target.b * rate
+    def _trim(self, alphas: list[float], ks: list[int], slot_value: float) -> list[int]:
+        """Drop draft j of a sequence when its expected gain α^j (tokens) is worth less than
+        ``slot_value``, the tokens its verify slot's time would make at the current rate."""
         trimmed = []
         for alpha, k in zip(alphas, ks):
             while k > 0 and alpha ** k < slot_value:

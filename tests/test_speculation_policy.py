@@ -25,23 +25,47 @@ def _seq(name: str, acceptance: float | None) -> Sequence:
 
 
 def _policy(step_ms: dict[int, float], draft_pass_ms: float) -> AdaptiveDraftPolicy:
+    """A policy that has seen one sequence's steps of each token count cost ``step_ms``."""
     policy = AdaptiveDraftPolicy()
     for _ in range(5):
         for num_tokens, ms in step_ms.items():
-            policy.observe_target(num_tokens, ms / 1e3)
-        policy.observe_draft_pass(1, draft_pass_ms / 1e3)
+            policy.observe_target(1, num_tokens, ms / 1e3)
+        policy.observe_draft_pass(1, 1, draft_pass_ms / 1e3)
     return policy
 
 
-def test_cost_model_prefers_measured_sizes_over_the_line() -> None:
-    """Sizes that were measured are predicted as measured (a staircase), others from the line."""
+def test_cost_model_prefers_measured_shapes_then_this_batch_then_the_line() -> None:
+    """Shapes that were measured are predicted as measured (a staircase); an unmeasured token
+    count at a measured batch size is that batch's plain step plus the marginal cost per token
+    measured there; a batch size never seen comes from the line over every pass."""
     model = StepCostModel()
     for _ in range(20):
-        for n, ms in ((1, 25.0), (3, 25.0), (5, 43.0), (64, 120.0)):
-            model.observe(n, ms / 1e3)
-    assert abs(model.predict(3) - 0.025) < 1e-9
-    assert abs(model.predict(5) - 0.043) < 1e-9
-    assert model.predict(2) < model.predict(32) < model.predict(64)
+        for seqs, n, ms in ((1, 1, 25.0), (1, 3, 25.0), (1, 5, 43.0), (8, 8, 60.0),
+                            (8, 16, 100.0), (1, 64, 120.0)):
+            model.observe(seqs, n, ms / 1e3)
+    assert abs(model.predict(1, 3) - 0.025) < 1e-9
+    assert abs(model.predict(1, 5) - 0.043) < 1e-9
+    assert abs(model.marginal_cost(8) - 0.005) < 1e-9  # (100 - 60) ms over 8 extra tokens
+    assert abs(model.predict(8, 12) - 0.080) < 1e-9
+    assert model.predict(1, 2) < model.predict(1, 32) < model.predict(1, 64)
+    assert model.predict(32, 32) == model.a + model.b * 32
+
+
+def test_a_small_batchs_cheap_verify_does_not_price_a_large_batch() -> None:
+    """16 sequences verifying 4 drafts each (80 tokens) took less time than a plain step of 64
+    sequences (64 tokens): drafting for 64 sequences is priced from the 64-sequence plain step
+    and the marginal cost measured at 64, so it is never predicted cheaper than not drafting,
+    and a batch of 64 with good acceptance stays plain where that marginal cost is high."""
+    policy = AdaptiveDraftPolicy()
+    for _ in range(5):
+        for seqs, n, ms in ((16, 16, 78.0), (16, 80, 150.0), (64, 64, 258.0), (64, 128, 441.0)):
+            policy.observe_target(seqs, n, ms / 1e3)
+        policy.observe_draft_pass(64, 64, 39e-3)
+        policy.observe_draft_pass(16, 16, 20e-3)
+    assert policy.target.predict(64, 80) > policy.target.predict(64, 64)
+    crowd = [_seq(f"s{i}", 0.7) for i in range(64)]
+    assert policy.choose(crowd, [4] * 64, 0) == [0] * 64
+    assert any(policy.choose(crowd[:16], [4] * 16, 0))  # at 16, drafting still pays
 
 
 def test_a_size_not_seen_for_long_falls_back_to_the_line() -> None:
@@ -49,14 +73,14 @@ def test_a_size_not_seen_for_long_falls_back_to_the_line() -> None:
     after enough other observations its prediction returns to the fitted line, and the next
     sample of that size replaces the old mean instead of blending with it."""
     model = StepCostModel()
-    model.observe(4, 1.0)  # a single outlier
-    assert model.predict(4) == 1.0
+    model.observe(1, 4, 1.0)  # a single outlier
+    assert model.predict(1, 4) == 1.0
     for _ in range(StepCostModel.STALE_AFTER + 1):
-        model.observe(1, 0.025)
-        model.observe(8, 0.040)
-    assert model.predict(4) < 0.1
-    model.observe(4, 0.030)
-    assert abs(model.predict(4) - 0.030) < 1e-12
+        model.observe(1, 1, 0.025)
+        model.observe(1, 8, 0.040)
+    assert model.predict(1, 4) < 0.1
+    model.observe(1, 4, 0.030)
+    assert abs(model.predict(1, 4) - 0.030) < 1e-12
 
 
 def test_staircase_cost_stops_k_where_the_step_gets_dearer() -> None:
@@ -218,7 +242,7 @@ def test_resuming_drafts_weighs_the_draft_models_catch_up() -> None:
     next steps, the policy keeps decoding plain, while an in-sync sequence drafts."""
     policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
     for _ in range(5):
-        policy.observe_draft_pass(2002, 2.0)  # a 2,000-token catch-up pass: 2 s
+        policy.observe_draft_pass(1, 2002, 2.0)  # a 2,000-token catch-up pass: 2 s
     synced, behind = _seq("synced", 0.7), _seq("behind", 0.7)
     behind.token_ids += [5] * 2000
     synced.num_draft_computed = len(synced.token_ids) - 1
@@ -231,7 +255,7 @@ def test_a_new_sequence_starts_from_what_the_drafter_has_been_accepted_at() -> N
     it has not drafted for yet is expected to fare the same, not at the default 0.7, so a
     compute-bound batch spends no verify slots on it; a drafter whose drafts were mostly
     accepted lifts new sequences above the default instead."""
-    per_token = {n: 10.0 + 2.0 * n for n in range(1, 400)}
+    per_token = {n: 20.0 + 1.0 * n for n in range(1, 400)}
     failing, succeeding = _policy(per_token, 0.0), _policy(per_token, 0.0)
     for i in range(200):
         failing.record_acceptance(_seq(f"f{i}", None), proposed=2, accepted=0)
@@ -241,3 +265,19 @@ def test_a_new_sequence_starts_from_what_the_drafter_has_been_accepted_at() -> N
     crowd = [_seq(f"c{i}", None) for i in range(64)]
     assert failing.choose(crowd, [4] * 64, 0) == [0] * 64
     assert any(succeeding.choose(crowd, [4] * 64, 0))
+
+
+
+def test_drafting_that_promises_only_a_little_is_not_taken() -> None:
+    """A draft that is predicted to gain less than REQUIRED_GAIN is not taken: 8 sequences at
+    alpha 0.6 with one draft each expect 12.8 tokens in 155 ms against 8 in 100 ms plain,
+    1.03x, so the step stays plain; with a cheap verify slot (111 ms, 1.44x) they draft."""
+    dear, cheap = AdaptiveDraftPolicy(), AdaptiveDraftPolicy()
+    for _ in range(5):
+        for policy, verify_ms in ((dear, 154.0), (cheap, 110.0)):
+            policy.observe_target(8, 8, 100e-3)
+            policy.observe_target(8, 16, verify_ms / 1e3)
+            policy.observe_draft_pass(8, 8, 1e-3)
+    crowd = [_seq(f"s{i}", 0.6) for i in range(8)]
+    assert dear.choose(crowd, [1] * 8, 0) == [0] * 8
+    assert cheap.choose(crowd, [1] * 8, 0) == [1] * 8
