@@ -51,7 +51,7 @@ def test_cost_model_prefers_measured_shapes_then_this_batch_then_the_line() -> N
     assert model.predict(32, 32) == model.a + model.b * 32
 
 
-def test_a_small_batchs_cheap_verify_does_not_price_a_large_batch() -> None:
+def test_a_small_batch_verify_cost_does_not_price_a_large_batch() -> None:
     """16 sequences verifying 4 drafts each (80 tokens) took less time than a plain step of 64
     sequences (64 tokens): drafting for 64 sequences is priced from the 64-sequence plain step
     and the marginal cost measured at 64, so it is never predicted cheaper than not drafting,
