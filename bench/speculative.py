@@ -101,6 +101,9 @@ class Run:
     draft_passes: int = 0
     step_seconds: list[float] = field(default_factory=list)
     forwards: list[tuple[int, float]] = field(default_factory=list)  # (tokens, s) per target pass
+    # every round's tok/s of this method at this batch (this run is the fastest): their spread
+    # is this machine's noise, against which the ratios between methods must be read
+    round_tokens_per_s: list[float] = field(default_factory=list)
 
     def median_forward_s(self, tokens: Sequence[int]) -> float | None:
         times = [s for n, s in self.forwards if n in tokens]
@@ -182,7 +185,10 @@ def run_helix_rounds(engines: dict[str, Engine], work: Workload, batch: int,
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
             runs[name].append(run_helix(engines[name], name, work, batch))
-    return [max(runs[name], key=lambda r: r.tokens_per_s) for name in names]
+    best = [max(runs[name], key=lambda r: r.tokens_per_s) for name in names]
+    for run, name in zip(best, names):
+        run.round_tokens_per_s = [r.tokens_per_s for r in runs[name]]
+    return best
 
 
 def _time_target_forwards(engine: Engine, run: Run) -> None:
@@ -261,6 +267,8 @@ def summarise(run: Run, plain: Run | None, reference: list[list[int]]) -> dict[s
     }
     if plain is not None:
         row["speedup_vs_helix_plain"] = run.tokens_per_s / plain.tokens_per_s
+    if run.round_tokens_per_s:
+        row["round_tokens_per_s"] = run.round_tokens_per_s
     if run.proposed:
         step_time = statistics.median(plain.step_seconds) if plain else None
         c = (run.draft_seconds / run.draft_passes) / step_time if step_time and \
@@ -380,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows += [summarise(r, plain if r.method.startswith("helix") else None, reference)
                  for r in runs]
         for r in runs:
-            print(f"  {r.method}: {r.tokens_per_s:.1f} tok/s", flush=True)
+            rounds = " / ".join(f"{x:.1f}" for x in r.round_tokens_per_s)
+            print(f"  {r.method}: {r.tokens_per_s:.1f} tok/s" +
+                  (f" (rounds: {rounds})" if len(r.round_tokens_per_s) > 1 else ""), flush=True)
 
     print()
     print_table(rows)
