@@ -185,7 +185,9 @@ class Engine:
         now = time.perf_counter()
         # The verify pass's cost as adaptive K must weigh it: everything after the draft
         # passes, accept, rollback and outputs included (they grow with the drafts too).
-        self._policy.observe_target(len(plan.scheduled), num_tokens, now - verify_started)
+        prefill = any(s.num_query_tokens > 1 for s in plan.scheduled)
+        self._policy.observe_target(len(plan.scheduled), num_tokens, now - verify_started,
+                                    prefill)
         drafted = any(s.num_draft_slots for s in plan.scheduled)
         self._policy.observe_outcome(drafted, sum(len(ids) for ids in sampled),
                                      now - step_started, catch_up=new_prompt)

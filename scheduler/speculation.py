@@ -117,15 +117,27 @@ class StepCostModel:
         return self.a + self.b * num_tokens
 
     def marginal_cost(self, num_seqs: int) -> float:
-        """Seconds one more token adds to a pass over ``num_seqs`` sequences."""
-        fresh = [s for s, entry in self._marginal.items() if not self._stale(entry)]
-        if not fresh:
-            return self.b
-        nearest = min(fresh, key=lambda s: abs(s - num_seqs))
-        return self._marginal[nearest][0]
+        """Seconds one more token adds to a pass over ``num_seqs`` sequences.
 
-    def observe(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
+        Where this batch size has no measurement, the nearest larger one's (a token costs more
+        the more compute-bound the pass, so that errs toward not drafting), else the nearest
+        smaller one's: then a first drafted step at this size measures its own.
+        """
+        fresh = [s for s, entry in self._marginal.items() if not self._stale(entry)]
+        larger = [s for s in fresh if s >= num_seqs]
+        if larger:
+            return self._marginal[min(larger)][0]
+        return self._marginal[max(fresh)][0] if fresh else self.b
+
+    def observe(self, num_seqs: int, num_tokens: int, seconds: float,
+                prefill: bool = False) -> None:
+        """One pass's time. ``prefill``: it also ran prompt tokens, which only teach the line.
+        They cost differently from verify slots (long chunks multiply efficiently, no logits),
+        and the policy asks for a shape by its decoding sequences alone."""
         self._num_observed += 1
+        if prefill:
+            self._fit_line(float(num_tokens), seconds)
+            return
         plain = self._fresh(self._measured, (num_seqs, num_seqs))
         if plain is not None and num_tokens > num_seqs:
             per_token = max(0.0, (seconds - plain) / (num_tokens - num_seqs))
@@ -299,8 +311,9 @@ class AdaptiveDraftPolicy:
             record, num_seqs = pending
             record.observe(drafted, num_tokens / num_seqs, seconds)
 
-    def observe_target(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
-        self.target.observe(num_seqs, num_tokens, seconds)
+    def observe_target(self, num_seqs: int, num_tokens: int, seconds: float,
+                       prefill: bool = False) -> None:
+        self.target.observe(num_seqs, num_tokens, seconds, prefill)
 
     def observe_draft_pass(self, num_seqs: int, num_tokens: int, seconds: float) -> None:
         self.draft_pass.observe(num_seqs, num_tokens, seconds)

@@ -49,13 +49,30 @@ def test_cost_model_prefers_measured_shapes_then_this_batch_then_the_line() -> N
     assert abs(model.predict(8, 12) - 0.080) < 1e-9
     assert model.predict(1, 2) < model.predict(1, 32) < model.predict(1, 64)
     assert model.predict(32, 32) == model.a + model.b * 32
+    model.observe(8, 1000, 0.5, prefill=True)  # prompt tokens: not what a verify slot costs
+    assert abs(model.marginal_cost(8) - 0.005) < 1e-9
+    assert abs(model.predict(8, 1000) - (0.060 + 992 * 0.005)) < 1e-9  # not its 0.5 s
+
+
+def test_a_batch_size_without_its_own_marginal_cost_borrows_a_larger_ones_first() -> None:
+    """A verify slot costs more the more compute-bound the pass: an unmeasured batch size takes
+    the marginal cost of the nearest larger measured one (batch 1's nearly free slots must not
+    price batch 8), and only above every measured size the nearest smaller one's."""
+    model = StepCostModel()
+    for _ in range(5):
+        for seqs, n, ms in ((1, 1, 25.0), (1, 5, 25.2), (16, 16, 78.0), (16, 32, 98.0)):
+            model.observe(seqs, n, ms / 1e3)
+    assert model.marginal_cost(1) < 1e-4
+    assert abs(model.marginal_cost(8) - 1.25e-3) < 1e-9  # batch 16's (98 - 78) ms / 16
+    assert abs(model.marginal_cost(64) - 1.25e-3) < 1e-9
 
 
 def test_a_small_batch_verify_cost_does_not_price_a_large_batch() -> None:
     """16 sequences verifying 4 drafts each (80 tokens) took less time than a plain step of 64
-    sequences (64 tokens): drafting for 64 sequences is priced from the 64-sequence plain step
-    and the marginal cost measured at 64, so it is never predicted cheaper than not drafting,
-    and a batch of 64 with good acceptance stays plain where that marginal cost is high."""
+    sequences (64 tokens): 64 sequences with 16 drafts between them are priced from the
+    64-sequence plain step, never below it. Once a drafted step at 64 has measured what a verify
+    slot costs there, drafts of every other length are priced at that cost (K = 2-4 were never
+    measured at 64), so a batch of 64 with good acceptance stays plain, while 16 still drafts."""
     policy = AdaptiveDraftPolicy()
     for _ in range(5):
         for seqs, n, ms in ((16, 16, 78.0), (16, 80, 150.0), (64, 64, 258.0), (64, 128, 441.0)):
@@ -63,15 +80,16 @@ def test_a_small_batch_verify_cost_does_not_price_a_large_batch() -> None:
         policy.observe_draft_pass(64, 64, 39e-3)
         policy.observe_draft_pass(16, 16, 20e-3)
     assert policy.target.predict(64, 80) > policy.target.predict(64, 64)
+    assert abs(policy.target.marginal_cost(64) - 183e-3 / 64) < 1e-9
     crowd = [_seq(f"s{i}", 0.7) for i in range(64)]
     assert policy.choose(crowd, [4] * 64, 0) == [0] * 64
     assert any(policy.choose(crowd[:16], [4] * 16, 0))  # at 16, drafting still pays
 
 
-def test_a_size_not_seen_for_long_falls_back_to_the_line() -> None:
-    """One slow sample of a size that is then never chosen again cannot pin its cost forever:
-    after enough other observations its prediction returns to the fitted line, and the next
-    sample of that size replaces the old mean instead of blending with it."""
+def test_a_shape_not_seen_for_long_falls_back_to_the_other_estimates() -> None:
+    """One slow sample of a shape that is then never chosen again cannot pin its cost forever:
+    after enough other observations it is predicted from the plain step and the marginal cost
+    again, and the next sample of that shape replaces the old mean instead of blending with it."""
     model = StepCostModel()
     model.observe(1, 4, 1.0)  # a single outlier
     assert model.predict(1, 4) == 1.0
