@@ -83,7 +83,7 @@ class StepCostModel:
        1.5x and 1.9x one token and 4-5 tokens no more than 3): the policy sees where a draft is
        cheap.
     2. The plain step of as many sequences (one token each), measured, plus the extra tokens at
-       the marginal cost per token measured at this batch size (or the nearest one measured).
+       the marginal cost per token measured at this batch size (else ``marginal_cost`` says).
        Sequences matter as much as tokens: each brings its own attention over its context, and
        from some batch size on every extra row costs real compute. Keyed by tokens alone, 16
        sequences verifying 4 drafts each (80 tokens, measured) made drafting for 64 sequences
