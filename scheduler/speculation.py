@@ -123,8 +123,11 @@ class StepCostModel:
         the more compute-bound the pass, so that errs toward not drafting), else the nearest
         smaller one's: then a first drafted step at this size measures its own.
         """
+        own = self._fresh(self._marginal, num_seqs)
+        if own is not None:  # the usual case, asked several times a step: no scan
+            return own
         fresh = [s for s, entry in self._marginal.items() if not self._stale(entry)]
-        larger = [s for s in fresh if s >= num_seqs]
+        larger = [s for s in fresh if s > num_seqs]
         if larger:
             return self._marginal[min(larger)][0]
         return self._marginal[max(fresh)][0] if fresh else self.b
