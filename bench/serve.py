@@ -44,8 +44,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import redis.asyncio as aioredis  # noqa: E402
 
-from helix_daemon import protocol as p  # noqa: E402
 from helix_daemon.client import AsyncHelixClient  # noqa: E402
+from helix_daemon.wire import protocol as p  # noqa: E402
 
 # --- workload ------------------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ async def _sleep_until(t0: float, offset: float) -> None:
 
 async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
     """Feed the jobs to the daemon's engine thread directly; no Redis anywhere."""
-    from helix_daemon.engine_worker import AddCommand, EngineWorker, StepResult
+    from helix_daemon.engine_host.worker import AddCommand, EngineWorker, StepResult
 
     traces = {f"j{job.index}": Trace() for job in jobs}
     all_done = asyncio.Event()
@@ -200,7 +200,8 @@ async def run_redis(engine: Any, jobs: list[Job], template: Any, prefix: str
     daemon runs the engine in its engine process (loaded from the same folder) or, with
     ``template.engine_process`` off, the in-process path's engine in a thread.
     """
-    from helix_daemon.daemon import Daemon, redis_client, run_in_background
+    from helix_daemon.server.daemon import Daemon
+    from helix_daemon.server.run import redis_client, run_in_background
 
     config = dataclasses.replace(template, key_prefix=prefix,
                                  daemon_id=f"bench-{uuid.uuid4().hex[:6]}")
@@ -291,7 +292,7 @@ async def write_capacity(url: str, num_requests: int = 64, num_steps: int = 200)
     (``Store.append_many``, the same Lua script). The engine in the serving runs above makes
     far fewer tokens per second than this, so this is what bounds a daemon on faster hardware.
     """
-    from helix_daemon.store import Append, Store
+    from helix_daemon.wire.store import Append, Store
 
     prefix = f"helixbench-{uuid.uuid4().hex[:8]}"
     client = aioredis.Redis.from_url(url)
@@ -331,10 +332,10 @@ MODEL_SIZES = {"tiny": {"hidden_size": 128, "num_layers": 2},
 
 def load_engine(model: str | None, draft: str, max_num_seqs: int, workdir: Path,
                 size: str = "tiny") -> Any:
-    from helix_daemon.engine import Engine, EngineConfig
+    from helix_daemon.engine.engine import Engine, EngineConfig
 
     if model is None:
-        from helix_daemon.tiny_models import build_tiny_model
+        from helix_daemon.testing.tiny_models import build_tiny_model
 
         model = str(build_tiny_model(workdir / f"{size}-llama", **MODEL_SIZES[size]))
     return Engine.from_config(EngineConfig(model=model, draft=draft, device="auto",
@@ -467,8 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from helix_daemon.embedded import resolve_redis_url
     from helix_daemon.logs import configure_logging
+    from helix_daemon.wire.embedded import resolve_redis_url
 
     args = parse_args(argv)
     configure_logging(level="WARNING")  # per-request log lines would distort the timings

@@ -3,9 +3,9 @@ Hugging Face assisted generation and prompt lookup, at batch 1, 4, 16 and 64.
 
 Random independent models almost never agree, so the draft/target pair is built to agree the way a
 real pair does: the target is the draft plus extra layers whose residual contribution is scaled
-down (``helix_daemon.tiny_models.build_draft_target_pair``). Every method runs greedy, float32, on
-the same prompts; α (acceptance), K, c (draft pass / target step) and the theoretical speedup
-(1 - α^(K+1)) / ((1 - α)(1 + K c)) are reported beside the measured one.
+down (``helix_daemon.testing.tiny_models.build_draft_target_pair``). Every method runs greedy,
+float32, on the same prompts; α (acceptance), K, c (draft pass / target step) and the theoretical
+speedup (1 - α^(K+1)) / ((1 - α)(1 + K c)) are reported beside the measured one.
 Run ``python bench/speculative.py [--quick]``; results go to ``bench/results/``.
 """
 
@@ -32,9 +32,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from helix_daemon.config import CPU_LINEAR_CHOICES
-from helix_daemon.engine import Engine, EngineConfig
-from helix_daemon.tiny_models import build_draft_target_pair
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES
+from helix_daemon.engine.engine import Engine, EngineConfig
+from helix_daemon.testing.tiny_models import build_draft_target_pair
 from scheduler.params import RequestParams, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,12 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from helix_daemon.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES, EngineConfig
+from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
 
 ENV_PREFIX = "HELIX_"
-# How linear layers run on CPU (helix_daemon/cpu_linear.py): measured at load, oneDNN on packed
-# weights, or F.linear (the BLAS torch was built with)
-CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
 
 
 def default_daemon_id(queue: str = DEFAULT_QUEUE, index: int = 0) -> str:
@@ -106,6 +104,15 @@ class DaemonConfig:
         except ValueError:
             raise ValueError(f"kv_cache_memory: not 'auto' or a number: "
                              f"{self.kv_cache_memory!r}") from None
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine process (or thread) is built from: nothing of Redis or leases."""
+        return EngineConfig(model=self.model, draft=self.draft, device=self.device,
+                            dtype=self.dtype, kv_cache_memory=self.kv_cache_bytes_or_fraction,
+                            num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            num_speculative_tokens=self.num_speculative_tokens,
+                            cpu_linear=self.cpu_linear, torch_threads=self.torch_threads)
 
     @property
     def heartbeat_ttl_ms(self) -> int:

@@ -127,6 +127,6 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (and tokenizer) saved once per session; long context for long jobs."""
-    from helix_daemon.tiny_models import build_tiny_model
+    from helix_daemon.testing.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", max_positions=4096)

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from helix_daemon import protocol as p
+from helix_daemon.wire import protocol as p
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def one_torch_thread() -> Iterator[None]:
 
 def _greedy(model: str, prompts: list[str], max_tokens: int,
             dtype: str) -> list[tuple[list[int], str]]:
-    from helix_daemon.engine import Engine, EngineConfig
+    from helix_daemon.engine.engine import Engine, EngineConfig
     from scheduler.params import RequestParams, SamplingParams
 
     engine = Engine.from_config(EngineConfig(model=model, device="cpu", dtype=dtype,
@@ -252,7 +252,8 @@ class ThreadDaemon:
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
 
     async def _main(self) -> None:
-        from helix_daemon.daemon import Daemon, redis_client
+        from helix_daemon.server.daemon import Daemon
+        from helix_daemon.server.run import redis_client
 
         client = redis_client(self.config.redis_url)
         self._loop = asyncio.get_running_loop()
@@ -288,10 +289,10 @@ class ThreadDaemon:
 
 # A "zygote" pays the torch/transformers import once and forks each daemon from it, so a test
 # can start (and kill -9) dozens of real daemon processes on two cores. Children are ordinary
-# processes running ``helix_daemon.daemon.serve``; the zygote reaps them and reports exit codes.
+# processes running ``helix_daemon.server.run.serve``; the zygote reaps them and reports exit codes.
 _ZYGOTE = r"""
 import json, os, select, sys
-import helix_daemon.daemon, helix_daemon.engine  # the expensive imports, paid once
+import helix_daemon.server.run, helix_daemon.engine.engine  # the expensive imports, paid once
 
 
 def spawn(spec):
@@ -307,7 +308,7 @@ def spawn(spec):
         os.dup2(log, 2)
         os.environ.update(spec["env"])
         from helix_daemon.config import DaemonConfig
-        code = helix_daemon.daemon.serve(DaemonConfig.from_env())
+        code = helix_daemon.server.run.serve(DaemonConfig.from_env())
     except BaseException:
         import traceback
         traceback.print_exc()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from helix_daemon.engine import Engine, EngineConfig
+from helix_daemon.engine.engine import Engine, EngineConfig
 from scheduler.params import RequestParams, SamplingParams
 
 

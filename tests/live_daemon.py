@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from helix_daemon import protocol as p
+from helix_daemon.wire import protocol as p
 
 
 class LiveDaemon:
@@ -33,7 +33,8 @@ class LiveDaemon:
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
-        from helix_daemon.daemon import Daemon, redis_client
+        from helix_daemon.server.daemon import Daemon
+        from helix_daemon.server.run import redis_client
 
         self._loop = asyncio.get_running_loop()
         client = redis_client(self.config.redis_url)
@@ -68,7 +69,7 @@ class LiveDaemon:
 def start_live_daemon(model: str, redis_url: str, prefix: str, **overrides: Any) -> LiveDaemon:
     """Load ``model`` on CPU with a small KV pool and serve the ``default`` queue of ``prefix``."""
     from helix_daemon.config import DaemonConfig
-    from helix_daemon.daemon import build_engine
+    from helix_daemon.engine_host.load import load_engine
     from helix_daemon.logs import configure_logging
 
     # Before the daemon binds its logger: its lines must go to stderr, never into the stdout
@@ -80,4 +81,4 @@ def start_live_daemon(model: str, redis_url: str, prefix: str, **overrides: Any)
                                     heartbeat_interval_s=0.2, drain_timeout_s=5.0)
     settings.update(overrides)
     config = DaemonConfig(**settings)
-    return LiveDaemon(config, build_engine(config)).start()
+    return LiveDaemon(config, load_engine(config.engine_config())).start()

@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from helix_daemon.cli import (
-    build_parser,
-    daemon_config,
-    finished_ids,
-    main,
-    parse_memory,
-    percentile,
-    read_batch,
-)
+from helix_daemon.cli.batch import finished_ids, read_batch
+from helix_daemon.cli.demo import percentile
+from helix_daemon.cli.main import build_parser, main, parse_memory
+from helix_daemon.cli.serve import daemon_config
 from helix_daemon.client import HelixClient
-from helix_daemon.protocol import meta_key, out_key
+from helix_daemon.wire.protocol import meta_key, out_key
 from tests.conftest import SHARED_REDIS_URL
 from tests.live_daemon import LiveDaemon, start_live_daemon
 from tests.tiny import tiny_model

@@ -10,7 +10,7 @@ import redis
 import redis.asyncio as aioredis
 
 from helix_daemon.client import AsyncHelixClient, HelixClient, StreamGapError
-from helix_daemon.protocol import (
+from helix_daemon.wire.protocol import (
     CancelledEvent,
     DoneEvent,
     ErrorEvent,
@@ -393,8 +393,8 @@ async def test_unix_socket_urls_carry_the_whole_protocol(unix_redis: str) -> Non
     """A ``unix://`` URL gets the hiredis packer too (from_url would otherwise pick its own
     connection class), and a submit, a fenced claim and append, and a followed stream all work
     over it."""
-    from helix_daemon.redis_conn import HiredisPackedUnixConnection, async_redis
-    from helix_daemon.store import Append, Store
+    from helix_daemon.wire.connection import HiredisPackedUnixConnection, async_redis
+    from helix_daemon.wire.store import Append, Store
 
     client = AsyncHelixClient.from_url(unix_redis, prefix="ux")
     raw = async_redis(unix_redis)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from helix_daemon import command_pipe
-from helix_daemon.command_pipe import CommandReader, CommandWriter
-from helix_daemon.engine_worker import AbortCommand, AddCommand
+from helix_daemon.engine_host import command_pipe
+from helix_daemon.engine_host.command_pipe import CommandReader, CommandWriter
+from helix_daemon.engine_host.worker import AbortCommand, AddCommand
 from scheduler.params import RequestParams
 
 pytestmark = pytest.mark.skipif(not command_pipe.supported(), reason="POSIX event loops only")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helix_daemon.cpu_linear import PackedLinear, choose_linears, onednn_available
-from helix_daemon.model_runner import load_causal_lm
+from helix_daemon.engine.cpu_linear import PackedLinear, choose_linears, onednn_available
+from helix_daemon.engine.model_runner import load_causal_lm
 from tests.engine_utils import make_engine, mixed_jobs, run_engine
 from tests.tiny import tiny_model
 

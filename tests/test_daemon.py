@@ -18,9 +18,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helix_daemon import protocol as p
 from helix_daemon.config import DaemonConfig
-from helix_daemon.daemon import build_engine
+from helix_daemon.engine_host.load import load_engine
+from helix_daemon.wire import protocol as p
 from tests.daemon_harness import (
     ThreadDaemon,
     enqueue,
@@ -49,7 +49,7 @@ def start_daemon(tiny_model_path: Path, redis_url: str,
                               reclaim_interval_s=0.2, heartbeat_interval_s=0.5,
                               drain_timeout_s=5, log_json=True)
         config = dataclasses.replace(config, **overrides)
-        daemon = ThreadDaemon(config, build_engine(config)).start()
+        daemon = ThreadDaemon(config, load_engine(config.engine_config())).start()
         started.append(daemon)
         return daemon
 
@@ -334,7 +334,7 @@ def test_speculative_daemon_is_lossless_and_exports_metrics(start_daemon, sync_r
 
 def _history(model: str, prompt: str, params: object) -> list[tuple[list[int], str]]:
     """(ids so far, text emitted so far) after every step of an uninterrupted in-process run."""
-    from helix_daemon.engine import Engine, EngineConfig
+    from helix_daemon.engine.engine import Engine, EngineConfig
 
     engine = Engine.from_config(EngineConfig(model=model, device="cpu", dtype="float64",
                                              num_kv_blocks=64))
@@ -354,7 +354,7 @@ async def _ghost_attempt(redis_url: str, prefix: str, request_id: str, ids: list
     """A first attempt by daemon "ghost" that streamed ``ids``/``text`` and then died."""
     import redis.asyncio as aioredis
 
-    from helix_daemon.store import Append, Store
+    from helix_daemon.wire.store import Append, Store
 
     client = aioredis.Redis.from_url(redis_url)
     store = Store(client, prefix=prefix, queue=QUEUE, daemon_id="ghost", lease_ms=1500)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from helix_daemon import protocol as p
-from helix_daemon.attempt import Attempt
+from helix_daemon.server.attempt import Attempt
+from helix_daemon.wire import protocol as p
 
 
 def make(next_seq: int = 0, next_off: int = 0) -> Attempt:

@@ -57,13 +57,14 @@ def test_torch_threads_reach_torch_when_the_engine_loads(tiny_model_path) -> Non
     cpu_linear (HELIX_CPU_LINEAR, --cpu-linear) reaches the model runner."""
     import torch
 
-    from helix_daemon.daemon import build_engine
+    from helix_daemon.engine_host.load import load_engine
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        engine = build_engine(DaemonConfig(model=str(tiny_model_path), device="cpu",
-                                           num_kv_blocks=16, torch_threads=1, cpu_linear="blas"))
+        config = DaemonConfig(model=str(tiny_model_path), device="cpu", num_kv_blocks=16,
+                              torch_threads=1, cpu_linear="blas")
+        engine = load_engine(config.engine_config())
         assert torch.get_num_threads() == 1
         assert engine.target.linear_form == "blas"
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from helix_daemon import protocol as p
+from helix_daemon.wire import protocol as p
 from tests.daemon_harness import (
     DaemonProcess,
     ForkedDaemon,
@@ -342,7 +342,8 @@ def test_redis_restart_mid_run_loses_nothing(spawn, private_redis, key_prefix, r
 _EMBEDDED_THEN_CANCELLED = """
 import asyncio, sys
 from helix_daemon.config import DaemonConfig
-from helix_daemon.daemon import Daemon, redis_client
+from helix_daemon.server.daemon import Daemon
+from helix_daemon.server.run import redis_client
 
 async def main():
     model, url, prefix = sys.argv[1:4]

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from helix_daemon.tiny_tokenizer import EOS_TOKEN, build_tokenizer, save_tokenizer
+from helix_daemon.testing.tiny_tokenizer import EOS_TOKEN, build_tokenizer, save_tokenizer
 from scheduler.detokenizer import IncrementalDetokenizer, StopMatcher
 
 VOCAB = 512

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helix_daemon.device import (
+from helix_daemon.engine.device import (
     AUTO_KV_BYTES_UNKNOWN_DEVICE,
     AUTO_KV_FRACTION,
     free_memory_bytes,

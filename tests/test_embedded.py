@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from helix_daemon.embedded import LOCAL_URL, resolve_redis_url
+from helix_daemon.wire.embedded import LOCAL_URL, resolve_redis_url
 
 
 def test_embedded_serves_streams_and_consumer_groups() -> None:

@@ -10,7 +10,7 @@ import urllib.request
 import structlog
 
 from helix_daemon.logs import configure_logging
-from helix_daemon.metrics import DaemonMetrics
+from helix_daemon.server.metrics import DaemonMetrics
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helix_daemon.model_runner import ModelRunner
+from helix_daemon.engine.model_runner import ModelRunner
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.block_table import BlockTable

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helix_daemon import protocol as p
+from helix_daemon.wire import protocol as p
 from scheduler.errors import InvalidRequestError
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from helix_daemon.engine import Engine
-from helix_daemon.tiny_models import build_draft_target_pair, build_tiny_model
+from helix_daemon.engine.engine import Engine
+from helix_daemon.testing.tiny_models import build_draft_target_pair, build_tiny_model
 from scheduler.params import RequestParams, SamplingParams
 from scheduler.sampling import shape_probs
 from tests.engine_utils import hf_greedy, make_engine, mixed_jobs, run_engine
@@ -176,7 +176,7 @@ def test_speculative_sampling_keeps_the_target_distribution(sampling: SamplingPa
 def test_draft_with_another_vocabulary_is_refused_at_load() -> None:
     """A draft model whose tokenizer differs from the target's cannot propose valid tokens:
     loading it fails at once with an error that names the problem."""
-    from helix_daemon.model_drafter import DraftModelMismatch
+    from helix_daemon.engine.model_drafter import DraftModelMismatch
 
     _, target = pair()
     other = str(build_tiny_model(tempfile.mkdtemp(), "llama", seed=3, vocab_size=600))

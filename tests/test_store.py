@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from helix_daemon import protocol as p
-from helix_daemon.store import Append, Claim, ClaimRequest, Store
+from helix_daemon.wire import protocol as p
+from helix_daemon.wire.store import Append, Claim, ClaimRequest, Store
 
 TTL_MS = 60_000
 

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from helix_daemon.tiny_models import build_tiny_model
+from helix_daemon.testing.tiny_models import build_tiny_model
 
 _ROOT = Path(tempfile.mkdtemp(prefix="helix-tiny-"))
 atexit.register(shutil.rmtree, _ROOT, True)

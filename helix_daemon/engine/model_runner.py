@@ -15,7 +15,7 @@ import torch
 import transformers
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from helix_daemon.cpu_linear import choose_linears
+from helix_daemon.engine.cpu_linear import choose_linears
 from kvpool.attention import AttentionMetadata, paged_attention, write_kv
 from kvpool.kv_cache import KVCacheSpec, PagedKVCache
 

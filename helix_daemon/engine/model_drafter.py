@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from helix_daemon.model_runner import ModelRunner
+from helix_daemon.engine.model_runner import ModelRunner
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import KVCacheSpec
 from scheduler.sampling import sample, shape_probs

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from helix_daemon import protocol as p
-from helix_daemon.store import RUNNING_TTL_MS, Append
+from helix_daemon.wire import protocol as p
+from helix_daemon.wire.store import RUNNING_TTL_MS, Append
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from helix_daemon.config import CPU_LINEAR_CHOICES
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES
 
 ROWS_MEASURED = (1, 2, 3, 4, 6, 8, 16, 32, 128)  # decode, verify, batched decode, prefill
 SAMPLE_BYTES = 64 * 2**20  # more weight than a CPU cache holds, so timings include the reads

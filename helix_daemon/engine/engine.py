@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from helix_daemon.device import kv_budget_bytes, resolve_device, resolve_dtype
-from helix_daemon.drafting import Drafter, make_drafter
-from helix_daemon.engine_output import EngineStats, RequestOutput
-from helix_daemon.model_runner import ModelRunner
+from helix_daemon.engine.config import EngineConfig
+from helix_daemon.engine.device import kv_budget_bytes, resolve_device, resolve_dtype
+from helix_daemon.engine.drafting import Drafter, make_drafter
+from helix_daemon.engine.model_runner import ModelRunner
+from helix_daemon.engine.outputs import EngineStats, RequestOutput
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget
@@ -27,23 +28,6 @@ from scheduler.rejection import accept_greedy, rejection_sample
 from scheduler.sampling import make_generator, sample, shape_probs
 from scheduler.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SeqUpdate, StepPlan
 from scheduler.speculation import AdaptiveDraftPolicy
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    model: str
-    draft: str = "none"  # none | ngram | hub id or folder of a draft model
-    device: str = "auto"
-    dtype: str = "auto"
-    kv_cache_memory: float | None = None  # None: auto; <= 1: fraction of free memory; > 1: bytes
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools)
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    num_speculative_tokens: int = 4  # most draft tokens per sequence and step
-    adaptive_speculation: bool = True
-    seed: int = 0
-    cpu_linear: str = "auto"  # auto (measured at load) | onednn | blas (cpu_linear.py)
 
 
 class TextStream:
@@ -113,6 +97,8 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         target = ModelRunner(config.model, dtype, device, config.cpu_linear)

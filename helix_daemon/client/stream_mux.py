@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio as aioredis
 
-from helix_daemon.protocol import is_terminal
-from helix_daemon.retry import REDIS_ERRORS, backoff
+from helix_daemon.wire.protocol import is_terminal
+from helix_daemon.wire.retry import REDIS_ERRORS, backoff
 
 if TYPE_CHECKING:
-    from helix_daemon.client import StreamReader
-    from helix_daemon.protocol import Event
+    from helix_daemon.client.core import StreamReader
+    from helix_daemon.wire.protocol import Event
 
 # Failed reads in a row before the followers hear of it (on top of redis-py's own retries of a
 # command: a blocked XREAD whose connection drops is not retried by redis-py).

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from helix_daemon.engine_worker import AddCommand, StepResult
+from helix_daemon.engine_host.worker import AddCommand, StepResult
 
 Rejection = tuple[str, str, str]  # engine id, error code, message
 

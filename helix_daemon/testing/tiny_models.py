@@ -47,7 +47,7 @@ def build_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0,
                 param.normal_(0.0, 0.08)
     model.save_pretrained(path)
     if with_tokenizer:
-        from helix_daemon.tiny_tokenizer import build_tokenizer
+        from helix_daemon.testing.tiny_tokenizer import build_tokenizer
 
         # a model with a tiny vocabulary still gets a usable tokenizer: its ids decode to bytes
         build_tokenizer(vocab_size=max(config.vocab_size, 512)).save_pretrained(path)
@@ -81,7 +81,7 @@ def build_draft_target_pair(draft_path: str | Path, target_path: str | Path, *,
             layer.mlp.down_proj.weight.mul_(residual_scale)
     target_path = Path(target_path)
     target.save_pretrained(target_path)
-    from helix_daemon.tiny_tokenizer import build_tokenizer
+    from helix_daemon.testing.tiny_tokenizer import build_tokenizer
 
     build_tokenizer(vocab_size=max(config.vocab_size, 512)).save_pretrained(target_path)
     return draft_path, target_path

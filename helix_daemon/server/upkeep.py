@@ -14,10 +14,10 @@ import time
 
 import redis.asyncio as aioredis
 
-from helix_daemon import protocol as p
-from helix_daemon.attempt import Attempt
-from helix_daemon.daemon_state import DaemonState
-from helix_daemon.retry import REDIS_ERRORS, backoff, now_ms
+from helix_daemon.server.attempt import Attempt
+from helix_daemon.server.daemon_state import DaemonState
+from helix_daemon.wire import protocol as p
+from helix_daemon.wire.retry import REDIS_ERRORS, backoff, now_ms
 
 
 class UpkeepMixin(DaemonState):

@@ -20,10 +20,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from helix_daemon import command_pipe
-from helix_daemon.command_pipe import CommandReader, CommandWriter
-from helix_daemon.config import DaemonConfig
-from helix_daemon.engine_worker import (
+from helix_daemon.engine.config import EngineConfig
+from helix_daemon.engine_host import command_pipe
+from helix_daemon.engine_host.command_pipe import CommandReader, CommandWriter
+from helix_daemon.engine_host.load import load_engine
+from helix_daemon.engine_host.worker import (
     EngineHandle,
     EngineInfo,
     EngineWorker,
@@ -37,9 +38,9 @@ class EngineProcessError(RuntimeError):
 
 
 class EngineProcess(EngineHandle):
-    """Starts ``build_engine(config)`` in a spawned child; ``start()`` blocks until it is loaded."""
+    """Starts ``load_engine(config)`` in a spawned child; ``start()`` blocks until it is loaded."""
 
-    def __init__(self, config: DaemonConfig, loop: asyncio.AbstractEventLoop,
+    def __init__(self, config: EngineConfig, loop: asyncio.AbstractEventLoop,
                  deliver: Callable[[StepResult], None]) -> None:
         self._loop = loop
         self._deliver = deliver
@@ -152,7 +153,7 @@ def _kill_if_alive(process: multiprocessing.process.BaseProcess) -> None:
         process.kill()
 
 
-def _child_main(config: DaemonConfig, commands: Any,
+def _child_main(config: EngineConfig, commands: Any,
                 results: multiprocessing.connection.Connection, clock: Any) -> None:
     """The engine process: load the model, then step until told to stop."""
     # Signals meant for the daemon also reach its process group (Ctrl-C, systemd's stop): the
@@ -161,10 +162,8 @@ def _child_main(config: DaemonConfig, commands: Any,
         if hasattr(signal, sig):
             signal.signal(getattr(signal, sig), signal.SIG_IGN)
     _exit_with_parent()
-    from helix_daemon.daemon import build_engine
-
     try:
-        engine = build_engine(config)
+        engine = load_engine(config)
     except Exception as e:  # the daemon reports it and exits
         results.send(EngineProcessError(f"{type(e).__name__}: {e}"))
         return

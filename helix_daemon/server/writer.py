@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
-from helix_daemon.attempt import Attempt
-from helix_daemon.daemon_state import DaemonState
-from helix_daemon.retry import REDIS_ERRORS, backoff, now_ms
-from helix_daemon.store import Append, entry_ms
+from helix_daemon.server.attempt import Attempt
+from helix_daemon.server.daemon_state import DaemonState
+from helix_daemon.wire.retry import REDIS_ERRORS, backoff, now_ms
+from helix_daemon.wire.store import Append, entry_ms
 
 
 class StreamWriterMixin(DaemonState):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from helix_daemon.attempt import Attempt
 from helix_daemon.config import DaemonConfig
-from helix_daemon.engine_worker import EngineHandle
-from helix_daemon.metrics import DaemonMetrics
-from helix_daemon.store import Store
+from helix_daemon.engine_host.worker import EngineHandle
+from helix_daemon.server.attempt import Attempt
+from helix_daemon.server.metrics import DaemonMetrics
+from helix_daemon.wire.store import Store
 
 
 class DaemonState:

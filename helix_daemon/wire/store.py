@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from helix_daemon import protocol as p
+from helix_daemon.wire import protocol as p
 
 RUNNING_TTL_MS = 86_400_000  # keys of a live request: a day, refreshed by every write
 

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from helix_daemon.model_runner import ModelRunner
+from helix_daemon.engine.model_runner import ModelRunner
 from kvpool.kv_cache import KVCacheSpec
 from scheduler.ngram import propose_ngram
 from scheduler.scheduler import ScheduledSeq, StepPlan
@@ -63,6 +63,6 @@ def make_drafter(name: str, target: ModelRunner,
         return None
     if name == "ngram":
         return NgramDrafter()
-    from helix_daemon.model_drafter import ModelDrafter
+    from helix_daemon.engine.model_drafter import ModelDrafter
 
     return ModelDrafter.load(name, target, tokenizer)

@@ -1,0 +1,30 @@
+"""``EngineConfig``: what it takes to build one engine. Torch-free, so a daemon can build one and
+hand it to an engine process without loading the model's libraries itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How linear layers run on CPU (engine/cpu_linear.py): measured at load, oneDNN on packed
+# weights, or F.linear (the BLAS torch was built with)
+CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str
+    draft: str = "none"  # none | ngram | hub id or folder of a draft model
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_memory: float | None = None  # None: auto; <= 1: fraction of free memory; > 1: bytes
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools)
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    num_speculative_tokens: int = 4  # most draft tokens per sequence and step
+    adaptive_speculation: bool = True
+    seed: int = 0
+    cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
+    # CPU threads of torch's kernels (process-wide); None = torch's default. Fewer than the
+    # cores leaves a core to the daemon's event loop and Redis.
+    torch_threads: int | None = None

@@ -1,0 +1,18 @@
+"""The one place where the engine host imports the engine (and with it torch): called inside the
+engine process, or in the daemon's engine thread when the engine runs in-process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from helix_daemon.engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from helix_daemon.engine.engine import Engine
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """Load the model named by the config (slow: run it off the event loop)."""
+    from helix_daemon.engine.engine import Engine
+
+    return Engine.from_config(config)
