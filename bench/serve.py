@@ -140,7 +140,8 @@ async def _sleep_until(t0: float, offset: float) -> None:
 
 async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
     """Feed the jobs to the daemon's engine thread directly; no Redis anywhere."""
-    from helix_daemon.engine_host.worker import AddCommand, EngineWorker, StepResult
+    from helix_daemon.engine_host.messages import AddCommand, StepResult
+    from helix_daemon.engine_host.worker import EngineWorker
 
     traces = {f"j{job.index}": Trace() for job in jobs}
     all_done = asyncio.Event()

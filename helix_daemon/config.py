@@ -44,6 +44,9 @@ class DaemonConfig:
     max_waiting: int = 16
     max_num_batched_tokens: int = 1024  # tokens per step: bounds a prefill chunk's stall
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step (adaptive below)
+    # K chosen per step from measured costs and acceptance; False: always draft
+    # num_speculative_tokens (as vLLM does)
+    adaptive_speculation: bool = True
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
     # Run the engine in a child process, so its Python never waits for the event loop's GIL
@@ -112,6 +115,7 @@ class DaemonConfig:
                             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             num_speculative_tokens=self.num_speculative_tokens,
+                            adaptive_speculation=self.adaptive_speculation,
                             cpu_linear=self.cpu_linear, torch_threads=self.torch_threads)
 
     @property

@@ -11,7 +11,7 @@ import pytest
 
 from helix_daemon.engine_host import command_pipe
 from helix_daemon.engine_host.command_pipe import CommandReader, CommandWriter
-from helix_daemon.engine_host.worker import AbortCommand, AddCommand
+from helix_daemon.engine_host.messages import AbortCommand, AddCommand, StopCommand
 from scheduler.params import RequestParams
 
 pytestmark = pytest.mark.skipif(not command_pipe.supported(), reason="POSIX event loops only")
@@ -57,7 +57,7 @@ async def test_commands_arrive_whole_in_order_and_a_closed_pipe_reads_as_stop() 
     while len(got) < 4:
         got.append(await asyncio.to_thread(replies.recv))
     await asyncio.to_thread(child.join, 30)
-    assert got == [("add", "a", len(long_prompt)), ("abort", "a"), ("add", "b", 3), None]
+    assert got == [("add", "a", len(long_prompt)), ("abort", "a"), ("add", "b", 3), StopCommand()]
     assert child.exitcode == 0
 
 
@@ -71,4 +71,4 @@ def test_reader_without_commands_reports_empty() -> None:
     with pytest.raises(queue.Empty):
         reader.get_nowait()
     parent_end.close()
-    assert reader.get(timeout=1) is None  # the daemon is gone: stop
+    assert reader.get(timeout=1) == StopCommand()  # the daemon is gone: stop

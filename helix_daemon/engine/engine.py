@@ -17,7 +17,7 @@ from helix_daemon.engine.config import EngineConfig
 from helix_daemon.engine.device import kv_budget_bytes, resolve_device, resolve_dtype
 from helix_daemon.engine.drafting import Drafter, make_drafter
 from helix_daemon.engine.model_runner import ModelRunner
-from helix_daemon.engine.outputs import EngineStats, RequestOutput
+from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget
@@ -105,6 +105,11 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         drafter = make_drafter(config.draft, target, tokenizer)
         return cls(config, target, tokenizer, drafter)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(device=str(self.device), kv_blocks=self.allocator.num_blocks,
+                          kv_block_size=self.config.block_size, kv_bytes=self.kv_cache_bytes,
+                          linear_form=self.target.linear_form)
 
     def _blocks_for_budget(self) -> int:
         specs = [self.target.kv_spec] + ([self.drafter.kv_spec] if self.drafter

@@ -1,4 +1,5 @@
-"""What an engine step reports: one ``RequestOutput`` per request that changed, and ``EngineStats``.
+"""What an engine reports: one ``RequestOutput`` per request that changed in a step, ``EngineStats``
+after it, and ``EngineInfo`` once loaded.
 
 Kept free of torch: an engine process sends these to its daemon, which unpickles them without
 ever loading torch or the model's libraries.
@@ -37,3 +38,14 @@ class EngineStats:
     peak_kv_blocks_used: int
     kv_slots_allocated: int  # summed over steps: slots held by live blocks
     kv_slots_used: int  # summed over steps: slots holding a token
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the daemon logs and advertises about its engine, wherever the engine runs."""
+
+    device: str
+    kv_blocks: int
+    kv_block_size: int
+    kv_bytes: int
+    linear_form: str | None  # CPU: "onednn" or "blas" (cpu_linear.py); None on other devices

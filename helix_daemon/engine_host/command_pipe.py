@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from helix_daemon.engine_host.messages import Command, StopCommand
+
 _HEADER = struct.Struct("!Q")  # payload length
 
 
@@ -43,7 +45,7 @@ class CommandWriter:
         transport, _ = await loop.connect_write_pipe(asyncio.Protocol, conn)
         return cls(transport, loop)
 
-    def put(self, command: Any) -> None:
+    def put(self, command: Command) -> None:
         payload = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
         self._on_loop(self._transport.write, _HEADER.pack(len(payload)) + payload)
 
@@ -67,16 +69,16 @@ class CommandReader:
     def __init__(self, conn: multiprocessing.connection.Connection) -> None:
         self._conn = conn  # owns the file descriptor
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None) -> Command:
         if not multiprocessing.connection.wait([self._conn], timeout if block else 0):
             raise queue.Empty
         try:
             [length] = _HEADER.unpack(self._read(_HEADER.size))
             return pickle.loads(self._read(length))
         except EOFError:
-            return None
+            return StopCommand()
 
-    def get_nowait(self) -> Any:
+    def get_nowait(self) -> Command:
         return self.get(block=False)
 
     def _read(self, size: int) -> bytes:

@@ -21,16 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 from helix_daemon.engine.config import EngineConfig
+from helix_daemon.engine.outputs import EngineInfo
 from helix_daemon.engine_host import command_pipe
 from helix_daemon.engine_host.command_pipe import CommandReader, CommandWriter
 from helix_daemon.engine_host.load import load_engine
-from helix_daemon.engine_host.worker import (
-    EngineHandle,
-    EngineInfo,
-    EngineWorker,
-    StepResult,
-    stalled,
-)
+from helix_daemon.engine_host.messages import StepResult, StopCommand
+from helix_daemon.engine_host.worker import EngineHandle, EngineWorker, stalled
 
 
 class EngineProcessError(RuntimeError):
@@ -110,7 +106,7 @@ class EngineProcess(EngineHandle):
         """Let the child finish its step and exit; kill it if it does not within the timeout."""
         self._stopping = True
         if self._process.is_alive() and self._reader.is_alive():  # else nobody reads its results
-            self._commands.put(None)
+            self._commands.put(StopCommand())
             self._process.join(timeout_s)
         _kill_if_alive(self._process)
         if self._process.pid is not None:
@@ -167,7 +163,7 @@ def _child_main(config: EngineConfig, commands: Any,
     except Exception as e:  # the daemon reports it and exits
         results.send(EngineProcessError(f"{type(e).__name__}: {e}"))
         return
-    results.send((EngineInfo.of(engine), engine.stats()))
+    results.send((engine.info(), engine.stats()))
 
     def publish(result: StepResult) -> None:
         if result.fatal is not None:  # not every exception pickles

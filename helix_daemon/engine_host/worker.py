@@ -13,57 +13,21 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from helix_daemon.engine.outputs import EngineInfo
+from helix_daemon.engine_host.messages import (
+    AbortCommand,
+    AddCommand,
+    Command,
+    Rejection,
+    StepResult,
+    StopCommand,
+)
 from scheduler.errors import HelixRequestError
-from scheduler.params import RequestParams
 
 _IDLE_WAIT_S = 0.05  # how long an idle engine waits for a command before looking again
-
-
-@dataclass(frozen=True, slots=True)
-class AddCommand:
-    engine_id: str
-    prompt: str | list[int]
-    params: RequestParams
-    forced_output_ids: Sequence[int] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AbortCommand:
-    engine_id: str
-
-
-Command = AddCommand | AbortCommand | None  # None: stop
-
-
-@dataclass(slots=True)
-class StepResult:
-    """Everything one iteration produced; ``rejected`` holds (engine_id, code, message)."""
-
-    outputs: list[Any] = field(default_factory=list)
-    rejected: list[tuple[str, str, str]] = field(default_factory=list)
-    stats: Any = None
-    fatal: BaseException | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """What the daemon logs and advertises about its engine, wherever the engine runs."""
-
-    device: str
-    kv_blocks: int
-    kv_block_size: int
-    kv_bytes: int
-    linear_form: str | None  # CPU: "onednn" or "blas" (cpu_linear.py); None on other devices
-
-    @classmethod
-    def of(cls, engine: Any) -> EngineInfo:
-        return cls(device=str(engine.device), kv_blocks=engine.allocator.num_blocks,
-                   kv_block_size=engine.config.block_size, kv_bytes=engine.kv_cache_bytes,
-                   linear_form=engine.target.linear_form)
 
 
 class CommandSink(Protocol):
@@ -131,7 +95,7 @@ class EngineWorker(EngineHandle):
     def __init__(self, engine: Any, publish: Callable[[StepResult], None],
                  commands: CommandSource | None = None, clock: StepClock | None = None) -> None:
         self.engine = engine
-        self.info: EngineInfo | None = EngineInfo.of(engine)
+        self.info: EngineInfo | None = engine.info()
         self._publish = publish
         own: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._commands = own  # what add/abort/kill put, when the engine runs in this thread
@@ -157,7 +121,7 @@ class EngineWorker(EngineHandle):
 
     def kill(self) -> None:
         """A thread cannot be killed: it stops after its current step."""
-        self._commands.put(None)
+        self._commands.put(StopCommand())
 
     def is_stalled(self, stall_s: float) -> bool:
         return stalled(self._clock, stall_s)
@@ -194,7 +158,7 @@ class EngineWorker(EngineHandle):
             except queue.Empty:
                 return True
             block = False
-            if command is None:
+            if isinstance(command, StopCommand):
                 return False
             self._apply(command, result)
 
@@ -206,9 +170,10 @@ class EngineWorker(EngineHandle):
             self.engine.add_request(command.engine_id, command.prompt, command.params,
                                     forced_output_ids=command.forced_output_ids)
         except HelixRequestError as e:
-            result.rejected.append((command.engine_id, e.code, str(e)))
+            result.rejected.append(Rejection(command.engine_id, e.code, str(e)))
         except Exception as e:  # a request the engine cannot take must not stop the others
-            result.rejected.append((command.engine_id, "engine_error", f"{type(e).__name__}: {e}"))
+            result.rejected.append(
+                Rejection(command.engine_id, "engine_error", f"{type(e).__name__}: {e}"))
 
     def _step(self) -> list[Any]:
         if not self.engine.has_unfinished():

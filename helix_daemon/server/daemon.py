@@ -26,9 +26,11 @@ import redis.asyncio as aioredis
 import structlog
 
 from helix_daemon.config import DaemonConfig
+from helix_daemon.engine.outputs import RequestOutput
 from helix_daemon.engine_host.load import load_engine
+from helix_daemon.engine_host.messages import AddCommand, Rejection, StepResult
 from helix_daemon.engine_host.process import EngineProcess, EngineProcessError
-from helix_daemon.engine_host.worker import AddCommand, EngineHandle, EngineWorker, StepResult
+from helix_daemon.engine_host.worker import EngineHandle, EngineWorker
 from helix_daemon.server.attempt import Attempt
 from helix_daemon.server.head_start import HeadStarts
 from helix_daemon.server.metrics import DaemonMetrics
@@ -437,8 +439,8 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._flush_needed.set()
         self._slots_freed.set()  # KV use changed
 
-    def _apply_results(self, outputs: list[Any], rejected: list[tuple[str, str, str]]) -> None:
-        for engine_id, code, message in rejected:
+    def _apply_results(self, outputs: list[RequestOutput], rejected: list[Rejection]) -> None:
+        for engine_id, code, message in ((r.engine_id, r.code, r.message) for r in rejected):
             attempt = self._by_engine_id.get(engine_id)
             if attempt is not None:
                 attempt.in_engine = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from helix_daemon.engine_host.worker import AddCommand, StepResult
+from helix_daemon.engine_host.messages import AddCommand, StepResult
 
 Rejection = tuple[str, str, str]  # engine id, error code, message
 
@@ -37,7 +37,7 @@ class HeadStarts:
         """Move the outputs and rejections of head-started sequences out of ``result``."""
         if self._held:
             result.outputs = self._keep(result.outputs, lambda o: o.request_id, 0)
-            result.rejected = self._keep(result.rejected, lambda r: r[0], 1)
+            result.rejected = self._keep(result.rejected, lambda r: r.engine_id, 1)
 
     def _keep(self, items: list[Any], engine_id: Callable[[Any], str], slot: int) -> list[Any]:
         """The items not held; held ones go to slot ``slot`` of their sequence's hold."""
