@@ -58,7 +58,7 @@ class Attempt:
         self.engine_id = self.engine_id or f"{self.request_id}@{self.epoch}"
 
     def is_expired(self, now: int) -> bool:
-        """True once its ``timeout_s`` deadline (epoch ms) has passed."""
+        """True once ``now`` (epoch ms) is past its ``timeout_s`` deadline."""
         return self.deadline_ms is not None and now > self.deadline_ms
 
     def apply(self, output: RequestOutput, now: float) -> None:
