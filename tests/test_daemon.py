@@ -254,7 +254,7 @@ def test_request_finished_before_its_claim_returns_is_written(start_daemon, sync
 
     async def claim_after_the_engine_finished(*args: object, **kwargs: object) -> object:
         for _ in range(1000):  # the engine needs milliseconds; 10 s at most
-            held = state._head_starts._held.values()
+            held = state._admission.head_starts._held.values()
             if any(out.finished for outputs, _ in held for out in outputs):
                 break
             await asyncio.sleep(0.01)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helix_daemon.server.attempt import Attempt
+from helix_daemon.server.attempts import Attempt
 from helix_daemon.wire import protocol as p
 
 

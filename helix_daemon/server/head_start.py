@@ -13,11 +13,9 @@ the claim returns.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from helix_daemon.engine_host.messages import AddCommand, StepResult
-
-Rejection = tuple[str, str, str]  # engine id, error code, message
+from helix_daemon.engine.outputs import RequestOutput
+from helix_daemon.engine_host.messages import AddCommand, Rejection, StepResult
 
 
 class HeadStarts:
@@ -26,7 +24,8 @@ class HeadStarts:
     def __init__(self, add: Callable[[AddCommand], None], abort: Callable[[str], None]) -> None:
         self._add = add
         self._abort = abort
-        self._held: dict[str, tuple[list[Any], list[Rejection]]] = {}
+        # engine id -> what the engine said about the sequence so far: (outputs, rejections)
+        self._held: dict[str, tuple[list[RequestOutput], list[Rejection]]] = {}
 
     def start(self, command: AddCommand) -> str:
         self._held[command.engine_id] = ([], [])
@@ -35,22 +34,19 @@ class HeadStarts:
 
     def hold(self, result: StepResult) -> None:
         """Move the outputs and rejections of head-started sequences out of ``result``."""
-        if self._held:
-            result.outputs = self._keep(result.outputs, lambda o: o.request_id, 0)
-            result.rejected = self._keep(result.rejected, lambda r: r.engine_id, 1)
+        if not self._held:
+            return
+        outputs: list[RequestOutput] = []
+        rejected: list[Rejection] = []
+        for output in result.outputs:
+            held = self._held.get(output.request_id)
+            (outputs if held is None else held[0]).append(output)
+        for rejection in result.rejected:
+            held = self._held.get(rejection.engine_id)
+            (rejected if held is None else held[1]).append(rejection)
+        result.outputs, result.rejected = outputs, rejected
 
-    def _keep(self, items: list[Any], engine_id: Callable[[Any], str], slot: int) -> list[Any]:
-        """The items not held; held ones go to slot ``slot`` of their sequence's hold."""
-        kept = []
-        for item in items:
-            held = self._held.get(engine_id(item))
-            if held is None:
-                kept.append(item)
-            else:
-                held[slot].append(item)
-        return kept
-
-    def adopt(self, engine_id: str) -> tuple[list[Any], list[Rejection]]:
+    def adopt(self, engine_id: str) -> tuple[list[RequestOutput], list[Rejection]]:
         """The claim said go: stop holding; return what the engine produced meanwhile."""
         return self._held.pop(engine_id)
 
