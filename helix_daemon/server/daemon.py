@@ -1,7 +1,7 @@
 """The asyncio daemon: pull requests from a Redis stream, stream tokens back, survive failures.
 
 Tasks (one event loop) around one engine, in a process of its own (``EngineProcess``, the
-default) or in a thread of the daemon (``EngineWorker``, for an engine built by the caller):
+default) or in a thread of the daemon (``EngineThread``, for an engine built by the caller):
 
 * intake: ``XREADGROUP >`` for as many entries as the engine can admit soon;
 * reclaim: ``XAUTOCLAIM`` entries whose owner stopped renewing its lease, and resume them;
@@ -26,11 +26,12 @@ import redis.asyncio as aioredis
 import structlog
 
 from helix_daemon.config import DaemonConfig
-from helix_daemon.engine.outputs import RequestOutput
+from helix_daemon.engine.outputs import EngineStats, RequestOutput
 from helix_daemon.engine_host.load import load_engine
 from helix_daemon.engine_host.messages import AddCommand, Rejection, StepResult
 from helix_daemon.engine_host.process import EngineProcess, EngineProcessError
-from helix_daemon.engine_host.worker import EngineHandle, EngineWorker
+from helix_daemon.engine_host.protocols import EngineHandle
+from helix_daemon.engine_host.thread import EngineThread
 from helix_daemon.server.attempt import Attempt
 from helix_daemon.server.head_start import HeadStarts
 from helix_daemon.server.metrics import DaemonMetrics
@@ -74,6 +75,7 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._pulling = True  # intake and reclaim run until a stop is requested
         self._fatal: BaseException | None = None
         self._worker: EngineHandle | None = None
+        self._engine_stats: EngineStats | None = None
         self._head_starts: HeadStarts  # created with the worker, in _launch
         self._started_ms = now_ms()
         self._tokens_window = 0
@@ -127,13 +129,13 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         worker: EngineHandle
         if self.engine is None and self.config.engine_process:
             worker = self._worker = EngineProcess(self.config.engine_config(), loop, self._on_step)
-            await asyncio.to_thread(worker.start)  # loads the model
         else:
             if self.engine is None:
                 self.engine = await asyncio.to_thread(load_engine, self.config.engine_config())
-            worker = self._worker = EngineWorker.on_loop(self.engine, loop, self._on_step)
-            worker.start()
+            worker = self._worker = EngineThread.on_loop(self.engine, loop, self._on_step)
+        # before the engine starts: its first step result (the initial stats) may come at once
         self._head_starts = HeadStarts(worker.add, worker.abort)
+        await asyncio.to_thread(worker.start)  # an engine process loads its model here
 
     async def _start_tasks(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
         assert self._worker is not None and self._worker.info is not None
@@ -482,9 +484,10 @@ class Daemon(StreamWriterMixin, UpkeepMixin):
         self._tokens_window += len(ids)
         self.metrics.add_tokens(0, len(ids))
 
-    def _observe_stats(self, stats: Any) -> None:
+    def _observe_stats(self, stats: EngineStats | None) -> None:
         if stats is None:
             return
+        self._engine_stats = stats
         self.metrics.set_running(stats.num_running)
         self.metrics.set_waiting(stats.num_waiting)
         if stats.kv_blocks_total:

@@ -10,7 +10,8 @@ import asyncio
 from typing import Any
 
 from helix_daemon.config import DaemonConfig
-from helix_daemon.engine_host.worker import EngineHandle
+from helix_daemon.engine.outputs import EngineStats
+from helix_daemon.engine_host.protocols import EngineHandle
 from helix_daemon.server.attempt import Attempt
 from helix_daemon.server.metrics import DaemonMetrics
 from helix_daemon.wire.store import Store
@@ -28,8 +29,9 @@ class DaemonState:
     _slots_freed: asyncio.Event  # set whenever free_slots() may have grown
     _closing: asyncio.Event  # set when the background loops are to end
     _worker: EngineHandle | None
+    _engine_stats: EngineStats | None  # from the latest StepResult that carried stats
 
     @property
-    def engine_stats(self) -> Any:
+    def engine_stats(self) -> EngineStats | None:
         """The engine's ``EngineStats`` after its latest step (None before it started)."""
-        return self._worker.stats if self._worker else None
+        return self._engine_stats
