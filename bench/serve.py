@@ -3,7 +3,7 @@
 Producers enqueue a mixed workload at several arrival rates (Poisson, seeded; ``inf`` = all at
 once). Each rate runs twice on one loaded engine:
 
-* ``inproc``: requests go straight to an ``EngineWorker`` (the daemon's engine thread), outputs
+* ``inproc``: requests go straight to an ``EngineThread`` (the daemon's engine thread), outputs
   come back through the event loop: the daemon minus Redis;
 * ``redis``: requests are ``XADD``ed by the client, served by a ``Daemon`` on the same engine, and
   read back with the client's blocking ``XREAD`` (``stream()``), from a separate process.
@@ -141,7 +141,7 @@ async def _sleep_until(t0: float, offset: float) -> None:
 async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
     """Feed the jobs to the daemon's engine thread directly; no Redis anywhere."""
     from helix_daemon.engine_host.messages import AddCommand, StepResult
-    from helix_daemon.engine_host.worker import EngineWorker
+    from helix_daemon.engine_host.thread import EngineThread
 
     traces = {f"j{job.index}": Trace() for job in jobs}
     all_done = asyncio.Event()
@@ -162,7 +162,7 @@ async def run_inproc(engine: Any, jobs: list[Job]) -> dict[str, float]:
         if remaining == 0:
             all_done.set()
 
-    worker = EngineWorker.on_loop(engine, asyncio.get_running_loop(), deliver)
+    worker = EngineThread.on_loop(engine, asyncio.get_running_loop(), deliver)
     worker.start()
     t0 = time.perf_counter()
     try:

@@ -86,7 +86,8 @@ def build_metadata(
     spans: Sequence[SeqSpan], block_size: int, device: torch.device
 ) -> AttentionMetadata:
     slot_mapping: list[int] = []
-    short, long = [], []
+    short: list[SeqSpan] = []
+    long: list[SeqSpan] = []
     for span in spans:
         start = span.context_len - span.query_len
         for pos in range(start, span.context_len):
@@ -127,7 +128,11 @@ def _block_tensor(block_ids: Sequence[int], context_len: int, block_size: int,
 def _build_batched(spans: list[SeqSpan], block_size: int, device: torch.device) -> BatchedGroup:
     max_q = max(s.query_len for s in spans)
     max_blocks = max(-(-s.context_len // block_size) for s in spans)
-    token_index, valid, block_index, query_pos, dest_rows = [], [], [], [], []
+    token_index: list[list[int]] = []
+    valid: list[bool] = []
+    block_index: list[list[int]] = []
+    query_pos: list[list[int]] = []
+    dest_rows: list[int] = []
     for s in spans:
         pad_q = max_q - s.query_len
         first_pos = s.context_len - s.query_len

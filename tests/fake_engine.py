@@ -1,11 +1,11 @@
 """A scripted, torch-free engine for the daemon's own logic (claims, head starts, flushes,
 retires), so it is tested in milliseconds.
 
-``FakeEngine`` has the duck type ``EngineWorker`` drives (``add_request``, ``abort``, ``step``,
-``has_unfinished``, ``stats``, ``info``). Each request produces one token per step: the token
-at output position ``k`` depends only on the prompt's length and ``k``, so a request resumed
-from forced output ids continues exactly where it stopped. It finishes with ``length`` after
-``max_tokens``. The engine runs in the daemon's engine thread; tests read what it recorded
+``FakeEngine`` satisfies ``engine_host.protocols.StepEngine``, what ``EngineLoop`` drives
+(``add_request``, ``abort``, ``step``, ``has_unfinished``, ``stats``, ``info``). Each request
+produces one token per step: the token at output position ``k`` depends only on the prompt's
+length and ``k``, so a request resumed from forced output ids continues exactly where it
+stopped. It finishes with ``length`` after ``max_tokens``. The engine runs in the daemon's engine thread; tests read what it recorded
 (``added``, ``aborted``, ``finished``) from the loop, which only ever sees whole updates.
 """
 

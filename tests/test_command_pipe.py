@@ -1,11 +1,12 @@
-"""The engine process's command pipe (``helix_daemon/command_pipe.py``), between real processes."""
+"""The engine process's command pipe (``helix_daemon/engine_host/command_pipe.py``), between real
+processes."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import queue
-from typing import Any
+from multiprocessing.connection import Connection
 
 import pytest
 
@@ -17,7 +18,7 @@ from scheduler.params import RequestParams
 pytestmark = pytest.mark.skipif(not command_pipe.supported(), reason="POSIX event loops only")
 
 
-def _echo_commands(commands: CommandReader, replies: Any) -> None:
+def _echo_commands(commands: CommandReader, replies: Connection) -> None:
     """Child: report each command read (a long prompt by its length) until the stop command."""
     while True:
         try:

@@ -162,12 +162,12 @@ async def test_a_request_the_engine_rejects_ends_with_its_error(
 
 async def test_engine_stats_come_from_the_steps(start_daemon: StartDaemon,
                                                 helix: AsyncHelixClient) -> None:
-    """Before the engine's first step the daemon knows no stats and sees no KV pressure (all
-    slots free), and its heartbeat takes the pool's size from the engine's info; after a
-    request ran, ``engine_stats`` is the latest step's."""
+    """Before the engine's first step the daemon holds the engine's starting stats (published
+    when the engine starts: no KV used, all slots free) and its heartbeat shows the pool's size;
+    after a request ran, ``engine_stats`` is the latest step's."""
     daemon, _ = await start_daemon()
     config = daemon.config
-    assert daemon.engine_stats is None
+    assert daemon.engine_stats is not None and daemon.engine_stats.num_steps == 0
     assert daemon.free_slots() == config.max_num_seqs + config.max_waiting
     beat_key = p.daemon_key(config.daemon_id, config.key_prefix)
     for _ in range(500):

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 import msgspec
 
 from helix_daemon.client import HelixClient
+from helix_daemon.wire.protocol import CancelledEvent, DoneEvent, ErrorEvent, TokenEvent
 
 
 def _client(args: argparse.Namespace) -> HelixClient:
@@ -55,7 +56,7 @@ def _print_stream(client: HelixClient, rid: str, from_seq: int, as_json: bool,
         if as_json:
             record = {"type": tag, **msgspec.to_builtins(event)}
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
-        elif tag == "token":
+        elif isinstance(event, TokenEvent):
             print(event.text, end="", file=out, flush=True)
         else:
             print(file=out)
@@ -65,13 +66,12 @@ def _print_stream(client: HelixClient, rid: str, from_seq: int, as_json: bool,
     return 1  # unreachable: stream() ends only after a terminal event or by raising
 
 
-def terminal_line(event: Any) -> str:
-    tag = event.__struct_config__.tag
-    if tag == "done":
+def terminal_line(event: DoneEvent | ErrorEvent | CancelledEvent) -> str:
+    if isinstance(event, DoneEvent):
         t = event.timings
         return (f"[done: {event.finish_reason}, {event.usage.completion_tokens} tokens, "
                 f"ttft {t.ttft_s or 0:.3f}s, {t.tokens_per_s:.1f} tok/s, attempts {t.attempts}]")
-    if tag == "error":
+    if isinstance(event, ErrorEvent):
         return f"[error {event.code}: {event.message}]"
     return f"[cancelled: {event.reason}]"
 

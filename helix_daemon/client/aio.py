@@ -26,6 +26,7 @@ from helix_daemon.client.core import (
     meta_fields,
     parse_heartbeat,
     pick_group,
+    scored_members,
     text_of,
 )
 from helix_daemon.client.stream_mux import StreamMux
@@ -104,7 +105,7 @@ class AsyncHelixClient:
         if await self._reserve(keys=[meta], args=[QUEUED_TTL_S]):
             return request_id  # already enqueued by an earlier (retried) submit
         fields = encode_request_fields(body, request_id)
-        new_entry = await self.redis.xadd(queue_key(queue, self.prefix), fields)
+        new_entry = await self.redis.xadd(queue_key(queue, self.prefix), fields)  # type: ignore[arg-type]  # redis-py: invariant Dict[FieldT, EncodableT]
         async with self.redis.pipeline(transaction=True) as pipe:
             for name, value in meta_fields(queue, new_entry):
                 pipe.hsetnx(meta, name, value)
@@ -175,8 +176,7 @@ class AsyncHelixClient:
         pending, lag = await _group_numbers(self.redis.xinfo_groups(qkey))
         seen = await self.redis.zrange(daemons_key(self.prefix), 0, -1, withscores=True)
         daemons = []
-        for member, score in seen:
-            daemon_id = text_of(member) or ""
+        for daemon_id, score in scored_members(seen):
             beat = parse_heartbeat(await self.redis.get(daemon_key(daemon_id, self.prefix)))
             daemons.append((daemon_id, int(score), beat))
         return QueueStatus(queue, length, pending, lag, daemons)

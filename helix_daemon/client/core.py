@@ -262,13 +262,24 @@ def meta_fields(queue: str, entry_id: bytes | str) -> list[tuple[str, str]]:
             ("created_ms", str(_now_ms()))]
 
 
-def pick_group(groups: list[Mapping[Any, Any]]) -> tuple[int, int | None]:
+def pick_group(groups: Sequence[Mapping[str, Any]]) -> tuple[int, int | None]:
     for group in groups:
         named = {text_of(k): v for k, v in group.items()}
         if text_of(named.get("name")) == GROUP:
             lag = named.get("lag")
             return int(named.get("pending") or 0), None if lag is None else int(lag)
     return 0, None
+
+
+def scored_members(reply: Sequence[object]) -> list[tuple[str, float]]:
+    """A ``ZRANGE ... WITHSCORES`` reply as (member, score) pairs."""
+    pairs = []
+    for item in reply:
+        if not isinstance(item, (tuple, list)):
+            raise TypeError(f"ZRANGE reply without scores: {item!r}")
+        member, score = item
+        pairs.append((text_of(member) or "", float(score)))
+    return pairs
 
 
 def result_json(result: RequestResult) -> str:

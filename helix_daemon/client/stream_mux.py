@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.typing import KeyT, StreamIdT
 
 from helix_daemon.wire.protocol import is_terminal
 from helix_daemon.wire.retry import REDIS_ERRORS, backoff
@@ -167,7 +168,8 @@ class StreamMux:
         self._followers.clear()
 
     async def _read(self, conn: aioredis.Redis, max_block_ms: int) -> Any:
-        streams = {key: f.reader.last_id for key, f in self._followers.items()}
+        streams: dict[KeyT, StreamIdT] = {
+            key: f.reader.last_id for key, f in self._followers.items()}
         block_ms = min([f.reader.block_ms() for f in self._followers.values()] + [max_block_ms])
         self._read_no += 1
         self._blocked, self._wake_sent = True, False

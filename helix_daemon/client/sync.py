@@ -24,6 +24,7 @@ from helix_daemon.client.core import (
     meta_fields,
     parse_heartbeat,
     pick_group,
+    scored_members,
     text_of,
 )
 from helix_daemon.wire.protocol import (
@@ -82,8 +83,8 @@ class HelixClient:
         meta = meta_key(request_id, self.prefix)
         if self._reserve(keys=[meta], args=[QUEUED_TTL_S]):
             return request_id
-        new_entry = self.redis.xadd(queue_key(queue, self.prefix),
-                                    encode_request_fields(body, request_id))
+        fields = encode_request_fields(body, request_id)
+        new_entry = self.redis.xadd(queue_key(queue, self.prefix), fields)  # type: ignore[arg-type]  # redis-py: invariant Dict[FieldT, EncodableT]
         pipe = self.redis.pipeline(transaction=True)
         for name, value in meta_fields(queue, new_entry):
             pipe.hsetnx(meta, name, value)
@@ -132,8 +133,8 @@ class HelixClient:
         except redis.ResponseError:
             pending, lag = 0, None
         daemons = []
-        for member, score in self.redis.zrange(daemons_key(self.prefix), 0, -1, withscores=True):
-            daemon_id = text_of(member) or ""
+        seen = self.redis.zrange(daemons_key(self.prefix), 0, -1, withscores=True)
+        for daemon_id, score in scored_members(seen):
             beat = parse_heartbeat(self.redis.get(daemon_key(daemon_id, self.prefix)))
             daemons.append((daemon_id, int(score), beat))
         return QueueStatus(queue, self.redis.xlen(qkey), pending, lag, daemons)

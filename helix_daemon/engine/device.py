@@ -26,7 +26,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def _directml_device() -> torch.device | None:
     try:
-        import torch_directml  # type: ignore[import-not-found]
+        import torch_directml
     except ImportError:
         return None
     return torch_directml.device()

@@ -9,11 +9,17 @@ attention interface (Llama, Mistral, Qwen2, GPT-2, ...) runs on the pool without
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import transformers
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from helix_daemon.engine.cpu_linear import choose_linears
 from kvpool.attention import AttentionMetadata, paged_attention, write_kv
@@ -30,8 +36,14 @@ class ForwardContext:
     meta: AttentionMetadata
 
 
+class _LayerAttention(Protocol):
+    """The attention module HF hands the hook: it knows its layer."""
+
+    layer_idx: int
+
+
 def helix_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    module: _LayerAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, scaling: float | None = None,
     sliding_window: int | None = None, helix: ForwardContext | None = None, **_: Any,
 ) -> tuple[torch.Tensor, None]:
@@ -63,13 +75,15 @@ def kv_spec_from_config(config: PretrainedConfig, dtype: torch.dtype,
     )
 
 
-def load_causal_lm(model: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_causal_lm(model: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """``from_pretrained`` on a hub id or local folder, with Helix's paged attention plugged in."""
     # transformers 5 renamed torch_dtype to dtype; DirectML users run 4.x (torch 2.4)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     loaded = AutoModelForCausalLM.from_pretrained(
         model, attn_implementation=ATTENTION_NAME, **{dtype_kw: dtype})
-    return loaded.to(device).eval()
+    # transformers types ``to`` by ``functools.wraps(nn.Module.to)``, which keeps the unbound
+    # ``self`` parameter, so the device looks like the model to mypy.
+    return loaded.to(device).eval()  # type: ignore[arg-type]
 
 
 class ModelRunner:

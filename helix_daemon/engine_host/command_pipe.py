@@ -11,6 +11,7 @@ POSIX event loops only: on Windows' proactor loop the daemon keeps the queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing.connection
 import os
 import pickle
@@ -18,7 +19,6 @@ import queue
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from helix_daemon.engine_host.messages import Command, StopCommand
 
@@ -47,23 +47,24 @@ class CommandWriter:
 
     def put(self, command: Command) -> None:
         payload = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
-        self._on_loop(self._transport.write, _HEADER.pack(len(payload)) + payload)
+        self._on_loop(functools.partial(self._transport.write,
+                                        _HEADER.pack(len(payload)) + payload))
 
     def close(self) -> None:
         """Close once what is buffered is written (the transport flushes before it closes)."""
         self._on_loop(self._transport.close)
 
-    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+    def _on_loop(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` now on the loop's thread, else through the loop: a transport belongs to
         its loop's thread."""
         if threading.get_ident() == self._loop_thread:
-            fn(*args)
+            fn()
         else:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(fn)
 
 
 class CommandReader:
-    """Child side: the ``CommandSource`` the engine worker drains. A closed pipe (the daemon
+    """Child side: the ``CommandSource`` the engine's loop drains. A closed pipe (the daemon
     is gone) reads as the stop command."""
 
     def __init__(self, conn: multiprocessing.connection.Connection) -> None:
@@ -74,7 +75,8 @@ class CommandReader:
             raise queue.Empty
         try:
             [length] = _HEADER.unpack(self._read(_HEADER.size))
-            return pickle.loads(self._read(length))
+            command: Command = pickle.loads(self._read(length))  # what CommandWriter.put wrote
+            return command
         except EOFError:
             return StopCommand()
 

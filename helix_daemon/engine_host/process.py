@@ -1,4 +1,4 @@
-"""The engine in a process of its own, behind the same interface as ``EngineWorker``.
+"""The engine in a process of its own, behind the same ``EngineHandle`` as ``EngineThread``.
 
 In one process the engine's Python (scheduling, sampling, detokenising: most of a step for a
 small model) and the event loop's Redis work take turns on one GIL, so every event written
@@ -11,30 +11,48 @@ that a reader thread hands to the loop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
-import multiprocessing.connection
+import multiprocessing.queues
 import multiprocessing.util
 import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 from helix_daemon.engine.config import EngineConfig
 from helix_daemon.engine.outputs import EngineInfo
 from helix_daemon.engine_host import command_pipe
 from helix_daemon.engine_host.command_pipe import CommandReader, CommandWriter
 from helix_daemon.engine_host.load import load_engine
-from helix_daemon.engine_host.messages import StepResult, StopCommand
-from helix_daemon.engine_host.worker import EngineHandle, EngineWorker, stalled
+from helix_daemon.engine_host.loop import EngineLoop, stalled
+from helix_daemon.engine_host.messages import (
+    AbortCommand,
+    AddCommand,
+    Command,
+    StepResult,
+    StopCommand,
+)
+from helix_daemon.engine_host.protocols import CommandSink, CommandSource, StepClock
 
 
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, or died."""
 
 
-class EngineProcess(EngineHandle):
-    """Starts ``load_engine(config)`` in a spawned child; ``start()`` blocks until it is loaded."""
+class _CommandChannel(CommandSink, Protocol):
+    """The daemon's end of the command channel: ``CommandWriter`` or ``multiprocessing.Queue``."""
+
+    def close(self) -> None: ...
+
+
+class EngineProcess:
+    """An ``EngineHandle`` that starts ``load_engine(config)`` in a spawned child; ``start()``
+    blocks until it is loaded. Each step's result is handed to ``deliver`` on ``loop``."""
 
     def __init__(self, config: EngineConfig, loop: asyncio.AbstractEventLoop,
                  deliver: Callable[[StepResult], None]) -> None:
@@ -43,41 +61,59 @@ class EngineProcess(EngineHandle):
         # spawn, not fork: a forked copy of a process holding torch's and the loop's threads
         # can deadlock, and spawn is what macOS and Windows have anyway.
         ctx = multiprocessing.get_context("spawn")
-        self._child_ends: list[multiprocessing.connection.Connection] = []  # closed once sent
-        child_commands: Any
-        if command_pipe.supported():
-            child_end, self._command_end = ctx.Pipe(duplex=False)
-            self._child_ends.append(child_end)
-            child_commands = CommandReader(child_end)
-            self._commands: Any = None  # a CommandWriter, opened on the loop by start()
-        else:
-            child_commands = self._commands = ctx.Queue()
-            # Commands still buffered when the child is gone must not keep this process from
-            # exiting (the queue's feeder thread would wait for room in a pipe nobody reads).
-            self._commands.cancel_join_thread()
+        self._child_ends: list[Connection] = []  # closed once the child has its copies
+        self._command_end: Connection | None = None  # the pipe's write end, until start()
+        self._commands: _CommandChannel | None = None
+        child_commands = self._open_commands(ctx)
         self._results, child_results = ctx.Pipe(duplex=False)
         self._child_ends.append(child_results)
-        self._clock = ctx.RawValue("d", 0.0)  # the running step's start, 0.0 = none
+        self._clock = ctx.RawValue(ctypes.c_double, 0.0)  # the running step's start, 0.0 = none
         self._process = ctx.Process(target=_child_main, name="helix-engine", daemon=True,
                                     args=(config, child_commands, child_results, self._clock))
         self._reader = threading.Thread(target=self._read, name="helix-engine-reader",
                                         daemon=True)
         self._stopping = False
-        self.info: EngineInfo | None = None
-        self.stats: Any = None
+        self.info: EngineInfo | None = None  # set by start(), once the child has loaded
         # At interpreter exit multiprocessing SIGTERMs daemonic children, then joins them; the
         # engine ignores SIGTERM, so one still running then is killed first (a daemon that
         # crashed out of its shutdown must still exit).
         multiprocessing.util.Finalize(self, _kill_if_alive, args=(self._process,),
                                       exitpriority=10)
 
+    def _open_commands(self, ctx: BaseContext) -> CommandSource:
+        """Make the command channel and return the child's end. Ours is ``_commands``: a
+        ``multiprocessing.Queue`` now, or a pipe whose writer ``start()`` opens on the loop."""
+        if command_pipe.supported():
+            child_end, self._command_end = ctx.Pipe(duplex=False)
+            self._child_ends.append(child_end)
+            return CommandReader(child_end)
+        commands: multiprocessing.queues.Queue[Command] = ctx.Queue()
+        # Commands still buffered when the child is gone must not keep this process from
+        # exiting (the queue's feeder thread would wait for room in a pipe nobody reads).
+        commands.cancel_join_thread()
+        self._commands = commands
+        return commands
+
+    def add(self, command: AddCommand) -> None:
+        self._sink().put(command)
+
+    def abort(self, engine_id: str) -> None:
+        self._sink().put(AbortCommand(engine_id))
+
+    def _sink(self) -> _CommandChannel:
+        if self._commands is None:
+            raise EngineProcessError("the engine process has not started")
+        return self._commands
+
     def start(self) -> None:
-        """Spawn the child and wait until its model is loaded (slow: call off the loop)."""
+        """Spawn the child and wait until its model is loaded (slow: call off the loop). The
+        engine's first stats are queued for ``deliver`` before this returns."""
         if self._stopping:
             raise EngineProcessError("stopped before the engine process started")
-        if self._commands is None:
+        if self._command_end is not None:  # the transport takes the pipe's end over
             self._commands = asyncio.run_coroutine_threadsafe(
                 CommandWriter.open(self._command_end), self._loop).result()
+            self._command_end = None
         self._process.start()
         if self._stopping:  # kill() came while the process was being started
             self._process.kill()
@@ -91,11 +127,14 @@ class EngineProcess(EngineHandle):
             raise EngineProcessError(
                 f"engine process exited while loading (exit code {self._process.exitcode})"
             ) from None
-        if isinstance(hello, BaseException):
+        if not isinstance(hello, EngineInfo):  # the child's load failed (an exception)
             self._process.join(5)
-            raise EngineProcessError(f"engine failed to load: {hello}") from hello
-        self.info, self.stats = hello
-        self._reader.start()
+            cause = hello if isinstance(hello, BaseException) else None
+            raise EngineProcessError(f"engine failed to load: {hello}") from cause
+        self.info = hello
+        first = self._receive()  # the stats before any step (EngineLoop.publish_stats)
+        if first is not None and self._hand_over(first):
+            self._reader.start()
 
     def kill(self) -> None:
         """End the child now (a stop while the model loads, or a daemon that ended abruptly)."""
@@ -106,7 +145,7 @@ class EngineProcess(EngineHandle):
         """Let the child finish its step and exit; kill it if it does not within the timeout."""
         self._stopping = True
         if self._process.is_alive() and self._reader.is_alive():  # else nobody reads its results
-            self._commands.put(StopCommand())
+            self._sink().put(StopCommand())
             self._process.join(timeout_s)
         _kill_if_alive(self._process)
         if self._process.pid is not None:
@@ -123,34 +162,41 @@ class EngineProcess(EngineHandle):
 
     def _read(self) -> None:
         """Reader thread: hand each step's result to the loop; a vanished child is fatal."""
-        while True:
-            try:
-                result: StepResult = self._results.recv()
-            except (EOFError, OSError):
-                if self._stopping:
-                    return
-                self._process.join(5)
-                result = StepResult(fatal=EngineProcessError(
-                    f"engine process died (exit code {self._process.exitcode})"))
-            except Exception as e:  # a result that does not unpickle: nothing after it is sure
-                result = StepResult(fatal=EngineProcessError(f"engine result unreadable: {e!r}"))
-            if result.stats is not None:
-                self.stats = result.stats
-            try:
-                self._loop.call_soon_threadsafe(self._deliver, result)
-            except RuntimeError:  # the loop is closed: the daemon is gone
-                return
-            if result.fatal is not None:
-                return
+        while (result := self._receive()) is not None and self._hand_over(result):
+            pass
+
+    def _hand_over(self, result: StepResult) -> bool:
+        """Queue ``deliver(result)`` on the loop; False once nothing more is to be read."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, result)
+        except RuntimeError:  # the loop is closed: the daemon is gone
+            return False
+        return result.fatal is None
+
+    def _receive(self) -> StepResult | None:
+        """The child's next step result; None once the child was stopped."""
+        try:
+            result = self._results.recv()
+        except (EOFError, OSError):
+            if self._stopping:
+                return None
+            self._process.join(5)
+            return StepResult(fatal=EngineProcessError(
+                f"engine process died (exit code {self._process.exitcode})"))
+        except Exception as e:  # a result that does not unpickle: nothing after it is sure
+            return StepResult(fatal=EngineProcessError(f"engine result unreadable: {e!r}"))
+        if not isinstance(result, StepResult):
+            return StepResult(fatal=EngineProcessError(f"engine sent {type(result).__name__}"))
+        return result
 
 
-def _kill_if_alive(process: multiprocessing.process.BaseProcess) -> None:
+def _kill_if_alive(process: BaseProcess) -> None:
     if process.pid is not None and process.is_alive():
         process.kill()
 
 
-def _child_main(config: EngineConfig, commands: Any,
-                results: multiprocessing.connection.Connection, clock: Any) -> None:
+def _child_main(config: EngineConfig, commands: CommandSource, results: Connection,
+                clock: StepClock) -> None:
     """The engine process: load the model, then step until told to stop."""
     # Signals meant for the daemon also reach its process group (Ctrl-C, systemd's stop): the
     # daemon drains, then stops its engine, which must keep stepping until then.
@@ -163,14 +209,16 @@ def _child_main(config: EngineConfig, commands: Any,
     except Exception as e:  # the daemon reports it and exits
         results.send(EngineProcessError(f"{type(e).__name__}: {e}"))
         return
-    results.send((engine.info(), engine.stats()))
+    results.send(engine.info())
 
     def publish(result: StepResult) -> None:
         if result.fatal is not None:  # not every exception pickles
             result.fatal = EngineProcessError(f"{type(result.fatal).__name__}: {result.fatal}")
         results.send(result)
 
-    EngineWorker(engine, publish, commands=commands, clock=clock).run()
+    loop = EngineLoop(engine, commands, publish, clock)
+    loop.publish_stats()
+    loop.run()
 
 
 def _exit_with_parent() -> None:

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_host.messages import AddCommand, StepResult
-from helix_daemon.engine_host.worker import EngineHandle
+from helix_daemon.engine_host.protocols import EngineHandle
 from helix_daemon.server.attempts import Attempt, AttemptTable
 from helix_daemon.server.head_start import HeadStarts
 from helix_daemon.server.metrics import DaemonMetrics

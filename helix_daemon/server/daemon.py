@@ -1,7 +1,7 @@
 """The asyncio daemon: pull requests from a Redis stream, stream tokens back, survive failures.
 
 Tasks (one event loop) around one engine, in a process of its own (``EngineProcess``, the
-default) or in a thread of the daemon (``EngineWorker``, for an engine built by the caller):
+default) or in a thread of the daemon (``EngineThread``, for an engine built by the caller):
 
 * intake: ``XREADGROUP >`` for as many entries as the engine can admit soon;
 * reclaim: ``XAUTOCLAIM`` entries whose owner stopped renewing its lease, and resume them;
@@ -35,7 +35,8 @@ from helix_daemon.engine.outputs import EngineStats
 from helix_daemon.engine_host.load import load_engine
 from helix_daemon.engine_host.messages import StepResult
 from helix_daemon.engine_host.process import EngineProcess, EngineProcessError
-from helix_daemon.engine_host.worker import EngineHandle, EngineWorker
+from helix_daemon.engine_host.protocols import EngineHandle
+from helix_daemon.engine_host.thread import EngineThread
 from helix_daemon.server.admission import Admission
 from helix_daemon.server.attempts import AttemptTable
 from helix_daemon.server.metrics import DaemonMetrics
@@ -137,9 +138,9 @@ class Daemon:
         else:
             if self.engine is None:
                 self.engine = await asyncio.to_thread(load_engine, self.config.engine_config())
-            worker = self._worker = EngineWorker.on_loop(self.engine, loop, self._on_step)
-            self._compose(worker)
-            worker.start()
+            worker = self._worker = EngineThread.on_loop(self.engine, loop, self._on_step)
+            self._compose(worker)  # before the start: the first result (stats) may come at once
+            await asyncio.to_thread(worker.start)
 
     def _compose(self, engine: EngineHandle) -> None:
         """Wire the owners around the engine's handle (before any step can be delivered)."""

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine.outputs import EngineStats
-from helix_daemon.engine_host.worker import EngineHandle
+from helix_daemon.engine_host.protocols import EngineHandle
 from helix_daemon.server.attempts import Attempt, AttemptTable
 from helix_daemon.server.throughput import ThroughputWindow
 from helix_daemon.wire import protocol as p

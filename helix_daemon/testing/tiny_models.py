@@ -64,7 +64,8 @@ def build_draft_target_pair(draft_path: str | Path, target_path: str | Path, *,
     ``residual_scale``: its embeddings, first layers and head are the draft's, and the extra
     layers nudge the distribution. Smaller ``residual_scale`` means higher acceptance.
     """
-    draft_path = build_tiny_model(draft_path, "llama", seed=seed, **config_kwargs)
+    draft_path = build_tiny_model(draft_path, "llama", seed=seed, with_tokenizer=True,
+                                  **config_kwargs)
     draft = AutoModelForCausalLM.from_pretrained(draft_path)
     num_draft_layers = draft.config.num_hidden_layers
     config = tiny_config("llama", **{**config_kwargs,

@@ -58,6 +58,10 @@ GROUP = "helix"  # the consumer group every daemon of a queue joins
 DEFAULT_RESULT_TTL_S = 3600
 MAX_BODY_BYTES = 1 << 20  # a body larger than 1 MiB is refused without parsing it
 MAX_ID_CHARS = 200
+
+# A stream entry's fields as redis-py returns them: bytes, or str on a decoding connection.
+# (``Mapping`` is invariant in its keys, so each form is spelled out.)
+EntryFields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str]
 DLQ_MAXLEN = 10_000
 OUT_MAXLEN = 100_000  # runaway guard only: one event per engine step per request
 
@@ -175,7 +179,7 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode("utf-8")  # raises UnicodeDecodeError on garbage
 
 
-def _str_fields(fields: Mapping[bytes | str, bytes | str]) -> dict[str, bytes | str]:
+def _str_fields(fields: EntryFields) -> dict[str, bytes | str]:
     # Field names that are not UTF-8 cannot be any field we know: drop them.
     out: dict[str, bytes | str] = {}
     for name, value in fields.items():
@@ -186,7 +190,7 @@ def _str_fields(fields: Mapping[bytes | str, bytes | str]) -> dict[str, bytes | 
     return out
 
 
-def read_request_id(fields: Mapping[bytes | str, bytes | str], entry_id: str) -> str | None:
+def read_request_id(fields: EntryFields, entry_id: str) -> str | None:
     """The request id an entry names (default its entry id), or None when it is unusable."""
     raw = _str_fields(fields).get("id")
     try:
@@ -197,7 +201,7 @@ def read_request_id(fields: Mapping[bytes | str, bytes | str], entry_id: str) ->
     return request_id
 
 
-def decode_request(fields: Mapping[bytes | str, bytes | str], entry_id: str) -> Request:
+def decode_request(fields: EntryFields, entry_id: str) -> Request:
     """Decode one queue entry; raise BadEntryError (with the id when it is readable)."""
     request_id = read_request_id(fields, entry_id)
     if request_id is None:
@@ -222,7 +226,7 @@ def _lossy(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
-def lossy_fields_json(fields: Mapping[bytes | str, bytes | str]) -> str:
+def lossy_fields_json(fields: EntryFields) -> str:
     """The raw entry as JSON (bytes decoded with replacement) for a dead letter."""
     return json.dumps({_lossy(k): _lossy(v) for k, v in fields.items()}, ensure_ascii=False)
 
@@ -302,7 +306,7 @@ _JSON_FIELDS = frozenset({"ids", "usage", "timings"})
 
 def encode_event(event: Event) -> dict[str, str]:
     """Flat string fields for XADD: ``type`` first, JSON for ``ids``/``usage``/``timings``."""
-    fields = {"type": event.__struct_config__.tag}
+    fields = {"type": str(event.__struct_config__.tag)}
     for name in event.__struct_fields__:
         value = getattr(event, name)
         if name in _JSON_FIELDS:
@@ -312,7 +316,7 @@ def encode_event(event: Event) -> dict[str, str]:
     return fields
 
 
-def decode_event(fields: Mapping[bytes | str, bytes | str]) -> Event:
+def decode_event(fields: EntryFields) -> Event:
     """Parse an out-stream entry (str or bytes fields); raise ValueError when malformed."""
     named = {_lossy(k): _lossy(v) for k, v in fields.items()}
     cls = _EVENT_TYPES.get(named.get("type", ""))

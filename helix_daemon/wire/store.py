@@ -28,6 +28,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.typing import EncodableT, FieldT, StreamIdT
 
 from helix_daemon.wire import protocol as p
 
@@ -170,8 +171,9 @@ class Append:
         return self.event.seq
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _s(value: bytes | str | int) -> str:
+    """An id or name from a reply (redis-py types some reply fields as possibly int)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Store:
@@ -235,7 +237,7 @@ class Store:
         an entry back from the daemon that took it over.
         """
         ours = await self.own_pending_ids()
-        ids = [i for i in entry_ids if i in ours]
+        ids: list[StreamIdT] = [i for i in entry_ids if i in ours]
         if ids:
             await self.redis.xclaim(self.queue_key, p.GROUP, self.daemon_id, 0, ids, justid=True)
         return len(ids)
@@ -243,7 +245,7 @@ class Store:
     async def release(self, entry_ids: Sequence[str]) -> None:
         """Hand entries back at once: mark them idle for ten leases so any daemon takes them."""
         ours = await self.own_pending_ids()
-        ids = [i for i in entry_ids if i in ours]
+        ids: list[StreamIdT] = [i for i in entry_ids if i in ours]
         if ids:
             await self.redis.xclaim(self.queue_key, p.GROUP, self.daemon_id, 0, ids,
                                     idle=self.lease_ms * 10, justid=True)
@@ -259,8 +261,9 @@ class Store:
 
     async def dead_letter(self, entry_id: str, request_id: str | None, reason: str,
                           fields: dict[bytes, bytes] | None) -> None:
-        record = {"entry_id": entry_id, "reason": reason,
-                  "fields": p.lossy_fields_json(fields or {}), "daemon": self.daemon_id}
+        record: dict[FieldT, EncodableT] = {
+            "entry_id": entry_id, "reason": reason, "fields": p.lossy_fields_json(fields or {}),
+            "daemon": self.daemon_id}
         if request_id is not None:
             record["id"] = request_id
         await self.redis.xadd(self.dlq_key, record, maxlen=p.DLQ_MAXLEN, approximate=True)
@@ -333,8 +336,8 @@ class Store:
     async def committed_token_ids(self, request_id: str) -> list[int]:
         """Token ids already streamed for a request, in order (what a takeover must keep)."""
         ids: list[int] = []
-        for _, fields in await self.redis.xrange(p.out_key(request_id, self.prefix)):
-            if fields.get(b"type") == b"token":
+        for _, fields in await self.redis.xrange(p.out_key(request_id, self.prefix)) or []:
+            if fields and fields.get(b"type") == b"token":
                 ids.extend(json.loads(fields[b"ids"]))
         return ids
 
@@ -378,7 +381,7 @@ def _append_args(op: Append, now_ms: int) -> list[str | int]:
     return args
 
 
-def _entries(reply: object) -> list[Entry]:
+def _entries(reply: Iterable[Any] | None) -> list[Entry]:
     """Flatten an XREADGROUP reply (RESP2: ``[[key, [(id, fields), ...]]]``) of one stream."""
     if not reply:
         return []
