@@ -5,8 +5,9 @@ retires), so it is tested in milliseconds.
 (``add_request``, ``abort``, ``step``, ``has_unfinished``, ``stats``, ``info``). Each request
 produces one token per step: the token at output position ``k`` depends only on the prompt's
 length and ``k``, so a request resumed from forced output ids continues exactly where it
-stopped. It finishes with ``length`` after ``max_tokens``. The engine runs in the daemon's engine thread; tests read what it recorded
-(``added``, ``aborted``, ``finished``) from the loop, which only ever sees whole updates.
+stopped. It finishes with ``length`` after ``max_tokens``. The engine runs in the daemon's
+engine thread; tests read what it recorded (``added``, ``aborted``, ``finished``) from the
+loop, which only ever sees whole updates.
 """
 
 from __future__ import annotations
