@@ -33,9 +33,11 @@ import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from helix_daemon.engine.config import CPU_LINEAR_CHOICES
+from helix_daemon.engine.drafting import Drafts
 from helix_daemon.engine.engine import Engine, EngineConfig
 from helix_daemon.testing.tiny_models import build_draft_target_pair
 from scheduler.params import RequestParams, SamplingParams
+from scheduler.scheduler import StepPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("HELIX_BENCH_CACHE", Path.home() / ".cache" / "helix-bench"))
@@ -151,6 +153,7 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
     before_steps = engine.stats().num_steps
     run = Run(method, batch, 0.0, [])
     _time_target_forwards(engine, run)
+    _time_draft_passes(engine, run)
     start = time.perf_counter()
     for first in range(0, len(work.prompts), batch):
         group = work.prompts[first: first + batch]
@@ -162,16 +165,15 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
             step_start = time.perf_counter()
             step_outputs = engine.step()
             run.step_seconds.append(time.perf_counter() - step_start)
-            for *_shape, seconds in engine.drafter.pass_timings if engine.drafter else ():
-                run.draft_seconds += seconds  # the drafter times each of its passes
-                run.draft_passes += 1
             for out in step_outputs:
                 outputs[out.request_id] += out.new_token_ids
                 _count_drafts(run, out, seen)
         run.outputs += outputs.values()
     run.seconds = time.perf_counter() - start
     run.steps = engine.stats().num_steps - before_steps
-    del engine.target.forward  # back to the class's method
+    del engine.target.forward  # back to the class's methods
+    if engine.drafter is not None:
+        del engine.drafter.propose
     return run
 
 
@@ -202,6 +204,22 @@ def _time_target_forwards(engine: Engine, run: Run) -> None:
         return logits
 
     engine.target.forward = timed
+
+
+def _time_draft_passes(engine: Engine, run: Run) -> None:
+    """Add up the draft passes each ``propose`` reports (the drafter times each of them)."""
+    drafter = engine.drafter
+    if drafter is None:
+        return
+    propose = drafter.propose
+
+    def timed(plan: StepPlan) -> Drafts:
+        drafts = propose(plan)
+        run.draft_seconds += sum(p.seconds for p in drafts.passes)
+        run.draft_passes += len(drafts.passes)
+        return drafts
+
+    drafter.propose = timed  # type: ignore[method-assign]
 
 
 def _count_drafts(run: Run, out: Any, seen: dict[str, tuple[int, int]]) -> None:

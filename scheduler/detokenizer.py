@@ -6,6 +6,8 @@ of TGI and vLLM), so each token costs O(1) however long the sequence is. Text en
 
 ``StopMatcher`` holds back the tail that could still become a stop string.
 
+``DetokenizedText`` chains the two for one sequence.
+
 INVARIANT: the text emitted after feeding ``ids[:n]`` is a function of ``ids[:n]`` (and of the
 prefix) only, never of how the ids or deltas were grouped into calls. Both classes hold back a tail
 defined by the input so far, not by the calls, so a resumed request that replays its streamed ids
@@ -131,3 +133,22 @@ class StopMatcher:
                     longest = n
                     break
         return longest
+
+
+class DetokenizedText:
+    """One sequence's text as streamed: ``IncrementalDetokenizer`` then ``StopMatcher``.
+
+    The scheduler's ``TextStream``: ``push`` a token, get its text delta and whether a stop
+    string was reached; ``flush`` at the end releases what was held back.
+    """
+
+    def __init__(self, tokenizer: Decoder, prefix_ids: Sequence[int], stop: Sequence[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prefix_ids)
+        self._stop = StopMatcher(stop)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        return self._stop.feed(self._detok.push(token_id))
+
+    def flush(self) -> str:
+        text, _stopped = self._stop.feed(self._detok.flush())
+        return text + self._stop.flush()

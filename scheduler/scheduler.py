@@ -21,15 +21,21 @@ from kvpool.block_table import BlockTable
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
 from scheduler.sequence import Sequence, SequenceStatus, TextStream
+from scheduler.speculation import DraftDecision
 
 
 class DraftPolicy(Protocol):
-    def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
-        """K for each decoding sequence this step, each at most its cap."""
+    def choose(self, seqs: Seq[Sequence], caps: Seq[int],
+               num_other_tokens: int) -> DraftDecision:
+        """K for each decoding sequence this step (``num_drafts``), each at most its cap."""
         ...
 
     def record_acceptance(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """How many of the ``proposed`` drafts of ``seq`` were accepted this step."""
+        ...
+
+    def forget(self, request_id: str) -> None:
+        """The sequence finished or was aborted: drop what is kept about it."""
         ...
 
 
@@ -70,6 +76,8 @@ class ScheduledSeq:
 class StepPlan:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
+    # the draft policy's choice for this step, handed back to it with the step's outcome
+    draft_decision: DraftDecision | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -162,7 +170,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         decoding = [s for s in self.running if s.num_uncomputed == 1]
         prefilling = [s for s in self.running if s.num_uncomputed > 1]
-        drafts = self._num_drafts(decoding, budget, sum(s.num_uncomputed for s in prefilling))
+        num_prefill = sum(s.num_uncomputed for s in prefilling)
+        plan.draft_decision = decision = self._choose_drafts(decoding, budget, num_prefill)
+        drafts = decision.num_drafts if decision is not None else [0] * len(decoding)
         for seq, num_drafts in zip(decoding, drafts):
             if seq.status is SequenceStatus.RUNNING and budget > 0:
                 num_drafts = min(num_drafts, budget - 1)
@@ -173,9 +183,10 @@ class Scheduler:
         self._admit_waiting(budget, plan)
         return plan
 
-    def _num_drafts(self, decoding: list[Sequence], budget: int, num_prefill: int) -> list[int]:
+    def _choose_drafts(self, decoding: list[Sequence], budget: int,
+                       num_prefill: int) -> DraftDecision | None:
         if self.draft_policy is None:
-            return [0] * len(decoding)
+            return None
         spare = max(0, budget - len(decoding) - num_prefill)
         caps = [min(self._draft_cap(seq), spare) for seq in decoding]
         return self.draft_policy.choose(decoding, caps, min(num_prefill, budget))
@@ -324,3 +335,5 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._by_id.pop(seq.request_id, None)
+        if self.draft_policy is not None:
+            self.draft_policy.forget(seq.request_id)

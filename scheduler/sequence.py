@@ -46,10 +46,6 @@ class Sequence:
         self.num_preemptions = 0
         self.num_draft_proposed = 0
         self.num_draft_accepted = 0
-        # Recent per-token draft acceptance, for adaptive K: decayed counts of accepted drafts
-        # and of drafts judged (accepted ones plus the first rejected one of each step).
-        self.recent_accepted = 0.0
-        self.recent_judged = 0.0
 
     @property
     def sort_key(self) -> tuple[int, int]:

@@ -40,16 +40,35 @@ CATCH_UP_PAYBACK_STEPS = 8
 REQUIRED_GAIN = 1.05
 
 
-def record_acceptance(seq: Sequence, proposed: int, accepted: int) -> None:
-    """Add one step's drafts to ``seq``'s decayed counts of accepted and judged drafts.
+MAX_ACCEPTANCE = 0.99  # a sequence's alpha is never taken as certain
+
+
+@dataclass(slots=True)
+class AcceptanceCounts:
+    """Decayed counts of accepted drafts and of drafts judged, forgetting at ``memory`` a step.
 
     Acceptance stops at the first rejection, so a step judges its accepted drafts and that one:
     accepted / judged estimates the per-token alpha (the maximum-likelihood estimate for the
     theory's geometric acceptance). Accepted / proposed would not: for the same alpha it falls
     as K grows (drafts after a rejection are never judged), which steered K down.
     """
-    seq.recent_accepted = ACCEPTANCE_MEMORY * seq.recent_accepted + accepted
-    seq.recent_judged = ACCEPTANCE_MEMORY * seq.recent_judged + _judged(proposed, accepted)
+
+    memory: float = ACCEPTANCE_MEMORY
+    accepted: float = 0.0
+    judged: float = 0.0
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """Add one step's drafts: ``accepted`` of the ``proposed`` were accepted."""
+        self.accepted = self.memory * self.accepted + accepted
+        self.judged = self.memory * self.judged + _judged(proposed, accepted)
+
+    def fade(self, factor: float) -> None:
+        self.accepted *= factor
+        self.judged *= factor
+
+    def shrunk(self, prior: float) -> float:
+        """accepted / judged, with ``prior`` counted as ``PRIOR_WEIGHT`` judged drafts."""
+        return (self.accepted + PRIOR_WEIGHT * prior) / (self.judged + PRIOR_WEIGHT)
 
 
 def _judged(proposed: int, accepted: int) -> int:
@@ -57,19 +76,14 @@ def _judged(proposed: int, accepted: int) -> int:
     return accepted + (accepted < proposed)
 
 
-def _shrunk(accepted: float, judged: float, prior: float) -> float:
-    """accepted / judged, with ``prior`` counted as ``PRIOR_WEIGHT`` judged drafts."""
-    return (accepted + PRIOR_WEIGHT * prior) / (judged + PRIOR_WEIGHT)
-
-
-def estimated_acceptance(seq: Sequence, prior: float) -> float:
-    """Alpha from ``seq``'s counts, with the prior worth ``PRIOR_WEIGHT`` judged drafts.
+def estimated_acceptance(counts: AcceptanceCounts, prior: float) -> float:
+    """A sequence's alpha from its counts, with the prior worth ``PRIOR_WEIGHT`` judged drafts.
 
     Without the prior, one drafted step says alpha is 0 or 1 (1 of 1 accepted, or 0 of 1): a
     batch's first probe then gave half its sequences K = 4 and promised a 60 % gain that a
     compute-bound batch could never realise.
     """
-    return min(_shrunk(seq.recent_accepted, seq.recent_judged, prior), 0.99)
+    return min(counts.shrunk(prior), MAX_ACCEPTANCE)
 
 
 class StepCostModel:
@@ -273,6 +287,23 @@ class DraftingRecord:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class DraftDecision:
+    """What ``choose`` decided for one step; ``observe_outcome`` takes it back with the outcome.
+
+    The scheduler keeps it on the step's plan, so nothing of the step waits inside the policy.
+    """
+
+    num_drafts: list[int]  # K for each decoding sequence, in the order they were asked for
+    # the range of batch sizes whose realised rates this step's outcome teaches; None: none
+    # (not adaptive, nothing decoding, or prompt tokens in the step would blur the rate)
+    bucket: int | None = None
+    num_seqs: int = 0  # decoding sequences, to turn the step's tokens into tokens per sequence
+    # sequences the costs kept plain: their evidence fades once the step is done, so their
+    # acceptance drifts back toward the prior and they get tried again
+    kept_plain: tuple[str, ...] = ()
+
+
 class AdaptiveDraftPolicy:
     """Chooses K per sequence from its recent acceptance and the current batch.
 
@@ -284,6 +315,10 @@ class AdaptiveDraftPolicy:
     keeps winning (``PROBE_EVERY`` doubling up to ``MAX_PLAIN_GAP``). (Predicted
     costs alone mislead where the verify cost is not flat: a CPU whose 2- and 3-row matrix
     multiplies cost 2-3x one row kept drafting at 0.86-0.89x plain speed at batches 16 and 64.)
+
+    Evidence comes in through ``record_acceptance`` (each sequence's drafts judged),
+    ``observe_outcome`` (the step ``choose`` planned, as realised) and the ``observe_*`` costs;
+    ``forget`` drops a sequence that finished. Asking (``acceptance``) changes nothing.
     """
 
     PROBE_EVERY = PROBE_EVERY
@@ -296,23 +331,27 @@ class AdaptiveDraftPolicy:
         self.draft_pass = StepCostModel(b=0.0)
         self.num_draft_observations = 0  # until the first, a pass costs draft_cost target steps
         self.prior_acceptance = prior_acceptance  # until the drafter has been judged
-        self.accepted = 0.0  # the drafter's decayed counts, over all sequences
-        self.judged = 0.0
+        self.drafter_counts = AcceptanceCounts(DRAFTER_MEMORY)  # over all sequences
+        self.by_request: dict[str, AcceptanceCounts] = {}  # each live sequence's own counts
         self.records: dict[int, DraftingRecord] = {}  # batch-size bucket -> outcomes
-        self._pending: tuple[DraftingRecord, int] | None = None  # this step's record, seqs
 
-    def observe_outcome(self, drafted: bool, num_tokens: int, seconds: float,
-                        catch_up: bool = False) -> None:
-        """The step that ``choose`` planned emitted ``num_tokens`` in ``seconds`` (all in).
+    # -- evidence ------------------------------------------------------------------------------
+
+    def observe_outcome(self, decision: DraftDecision, drafted: bool, num_tokens: int,
+                        seconds: float, catch_up: bool = False) -> None:
+        """The step ``decision`` planned emitted ``num_tokens`` in ``seconds`` (all in).
 
         ``catch_up``: its draft model first prefilled a new prompt, a one-off cost and not the
         rate drafting runs at, so the step is not counted. (Catching up on tokens skipped
         during plain steps is counted: it is what stopping and resuming drafting costs.)
         """
-        pending, self._pending = self._pending, None
-        if pending is not None and seconds > 0 and not catch_up:
-            record, num_seqs = pending
-            record.observe(drafted, num_tokens / num_seqs, seconds)
+        for request_id in decision.kept_plain:
+            counts = self.by_request.get(request_id)
+            if counts is not None:  # else it finished this step, or never drafted: nothing to fade
+                counts.fade(FADE_WHILE_PLAIN)
+        if decision.bucket is not None and seconds > 0 and not catch_up:
+            record = self.records[decision.bucket]
+            record.observe(drafted, num_tokens / decision.num_seqs, seconds)
 
     def observe_target(self, num_seqs: int, num_tokens: int, seconds: float,
                        prefill: bool = False) -> None:
@@ -322,39 +361,54 @@ class AdaptiveDraftPolicy:
         self.draft_pass.observe(num_seqs, num_tokens, seconds)
         self.num_draft_observations += 1
 
+    def record_acceptance(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """One sequence-step's drafts judged: update the sequence's and the drafter's counts."""
+        self.by_request.setdefault(seq.request_id, AcceptanceCounts()).record(proposed, accepted)
+        self.drafter_counts.record(proposed, accepted)
+
+    def forget(self, request_id: str) -> None:
+        """The sequence finished or was aborted: its counts go (the drafter's stay)."""
+        self.by_request.pop(request_id, None)
+
+    # -- queries -------------------------------------------------------------------------------
+
     def draft_pass_seconds(self, num_seqs: int, num_tokens: int) -> float:
         if self.num_draft_observations:
             return self.draft_pass.predict(num_seqs, num_tokens)
         return self.draft_cost * self.target.predict(num_seqs, num_tokens)
 
-    def record_acceptance(self, seq: Sequence, proposed: int, accepted: int) -> None:
-        """One sequence-step's drafts judged: update the sequence's and the drafter's counts."""
-        record_acceptance(seq, proposed, accepted)
-        self.accepted = DRAFTER_MEMORY * self.accepted + accepted
-        self.judged = DRAFTER_MEMORY * self.judged + _judged(proposed, accepted)
-
     @property
     def drafter_acceptance(self) -> float:
         """What this drafter's drafts have been accepted at lately: each sequence's prior."""
-        return _shrunk(self.accepted, self.judged, self.prior_acceptance)
+        return self.drafter_counts.shrunk(self.prior_acceptance)
 
     def acceptance(self, seq: Sequence) -> float:
-        return estimated_acceptance(seq, self.drafter_acceptance)
+        counts = self.by_request.get(seq.request_id)
+        return estimated_acceptance(counts if counts is not None else AcceptanceCounts(),
+                                    self.drafter_acceptance)
 
-    def choose(self, seqs: Seq[Sequence], caps: Seq[int], num_other_tokens: int) -> list[int]:
-        """K for each sequence (at most its cap); ``num_other_tokens`` = prefill tokens etc."""
-        self._pending = None
+    # -- the decision --------------------------------------------------------------------------
+
+    def choose(self, seqs: Seq[Sequence], caps: Seq[int],
+               num_other_tokens: int) -> DraftDecision:
+        """K for each sequence (at most its cap); ``num_other_tokens`` = prefill tokens etc.
+
+        Choosing counts the step in its range's probe schedule; what is known about each
+        sequence changes only when the outcome comes back.
+        """
         if not self.adaptive or not seqs:
-            return list(caps)
-        ks = self._by_cost(seqs, caps, num_other_tokens)
+            return DraftDecision(list(caps))
+        by_cost = self._by_cost(seqs, caps, num_other_tokens)
         bucket = len(seqs).bit_length()
         record = self.records.setdefault(bucket, DraftingRecord())
         record.steps += 1
-        if num_other_tokens == 0:  # prefill chunks would blur the rates
-            self._pending = (record, len(seqs))
-        if any(ks) and not record.lets_draft(self._loses_below(bucket)):
-            return [0] * len(seqs)
-        return ks
+        lets_draft = not any(by_cost) or record.lets_draft(self._loses_below(bucket))
+        return DraftDecision(
+            num_drafts=by_cost if lets_draft else [0] * len(seqs),
+            bucket=bucket if num_other_tokens == 0 else None,  # prefill would blur the rates
+            num_seqs=len(seqs),
+            kept_plain=tuple(s.request_id for s, k in zip(seqs, by_cost) if k == 0),
+        )
 
     def _loses_below(self, bucket: int) -> bool:
         return any(b < bucket and r.drafting_loses() for b, r in self.records.items())
@@ -378,10 +432,6 @@ class AdaptiveDraftPolicy:
                 candidate = rate(ks)
                 if candidate > best_rate:
                     best_rate, best_ks = candidate, ks
-        for seq, k in zip(seqs, best_ks):
-            if k == 0:
-                seq.recent_accepted *= FADE_WHILE_PLAIN
-                seq.recent_judged *= FADE_WHILE_PLAIN
         return best_ks
 
     def _rate(self, alphas: list[float], ks: list[int], base: int, behind: list[int]) -> float:

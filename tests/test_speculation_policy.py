@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 
+from kvpool.allocator import BlockAllocator
 from scheduler.params import RequestParams
+from scheduler.scheduler import Scheduler, SchedulerConfig
 from scheduler.sequence import Sequence
 from scheduler.speculation import (
+    AcceptanceCounts,
     AdaptiveDraftPolicy,
     DraftingRecord,
     StepCostModel,
     estimated_acceptance,
-    record_acceptance,
 )
 
 
-def _seq(name: str, acceptance: float | None) -> Sequence:
-    """A sequence with long evidence of ``acceptance`` (None: none at all, the prior rules)."""
-    seq = Sequence(name, [1, 2, 3], RequestParams(max_tokens=64), arrival=0)
-    if acceptance is not None:
-        seq.recent_judged = 1e4
-        seq.recent_accepted = 1e4 * acceptance
-    return seq
+def _seq(name: str) -> Sequence:
+    """A sequence the policy knows nothing of yet (its prior rules)."""
+    return Sequence(name, [1, 2, 3], RequestParams(max_tokens=64), arrival=0)
+
+
+def _evidence(policy: AdaptiveDraftPolicy, seqs: Iterable[Sequence],
+              acceptance: float) -> list[Sequence]:
+    """Give ``policy`` long evidence that each of ``seqs`` has ``acceptance``; return them."""
+    for seq in seqs:
+        policy.by_request[seq.request_id] = AcceptanceCounts(accepted=1e4 * acceptance,
+                                                             judged=1e4)
+    return list(seqs)
+
+
+def _known(policy: AdaptiveDraftPolicy, name: str, acceptance: float) -> Sequence:
+    """A sequence with long evidence of ``acceptance`` in ``policy``."""
+    return _evidence(policy, [_seq(name)], acceptance)[0]
 
 
 def _policy(step_ms: dict[int, float], draft_pass_ms: float) -> AdaptiveDraftPolicy:
@@ -81,9 +95,9 @@ def test_a_small_batch_verify_cost_does_not_price_a_large_batch() -> None:
         policy.observe_draft_pass(16, 16, 20e-3)
     assert policy.target.predict(64, 80) > policy.target.predict(64, 64)
     assert abs(policy.target.marginal_cost(64) - 183e-3 / 64) < 1e-9
-    crowd = [_seq(f"s{i}", 0.7) for i in range(64)]
-    assert policy.choose(crowd, [4] * 64, 0) == [0] * 64
-    assert any(policy.choose(crowd[:16], [4] * 16, 0))  # at 16, drafting still pays
+    crowd = _evidence(policy, [_seq(f"s{i}") for i in range(64)], 0.7)
+    assert policy.choose(crowd, [4] * 64, 0).num_drafts == [0] * 64
+    assert any(policy.choose(crowd[:16], [4] * 16, 0).num_drafts)  # at 16, drafting still pays
 
 
 def test_a_shape_not_seen_for_long_falls_back_to_the_other_estimates() -> None:
@@ -105,15 +119,16 @@ def test_staircase_cost_stops_k_where_the_step_gets_dearer() -> None:
     """Verifying up to 3 tokens costs one plain step and 4+ cost 60% more: with good acceptance
     the policy drafts exactly 2 tokens (3 verified), the most that stay free."""
     policy = _policy({1: 25.0, 2: 25.0, 3: 25.5, 4: 41.0, 5: 43.0, 6: 45.0}, draft_pass_ms=3.0)
-    assert policy.choose([_seq("a", 0.7)], [4], 0) == [2]
+    assert policy.choose([_known(policy, "a", 0.7)], [4], 0).num_drafts == [2]
 
 
 def test_bad_acceptance_or_dear_drafts_turn_speculation_off() -> None:
     """A sequence whose drafts are mostly rejected, or a draft pass as dear as a target step,
     gets K = 0: speculation must never slow decoding down."""
     flat = {n: 25.0 for n in range(1, 8)}
-    assert _policy(flat, draft_pass_ms=3.0).choose([_seq("a", 0.02)], [4], 0) == [0]
-    assert _policy(flat, draft_pass_ms=30.0).choose([_seq("a", 0.5)], [4], 0) == [0]
+    cheap, dear = _policy(flat, draft_pass_ms=3.0), _policy(flat, draft_pass_ms=30.0)
+    assert cheap.choose([_known(cheap, "a", 0.02)], [4], 0).num_drafts == [0]
+    assert dear.choose([_known(dear, "a", 0.5)], [4], 0).num_drafts == [0]
 
 
 def test_compute_bound_batch_drafts_less_than_a_single_sequence() -> None:
@@ -121,8 +136,9 @@ def test_compute_bound_batch_drafts_less_than_a_single_sequence() -> None:
     policy drafts less per sequence than it does for a lone sequence with the same acceptance."""
     per_token = {n: 10.0 + 2.0 * n for n in range(1, 400)}
     policy = _policy(per_token, draft_pass_ms=3.0)
-    lone = policy.choose([_seq("a", 0.6)], [4], 0)
-    crowd = policy.choose([_seq(f"s{i}", 0.6) for i in range(64)], [4] * 64, 0)
+    lone = policy.choose([_known(policy, "a", 0.6)], [4], 0).num_drafts
+    crowd_seqs = _evidence(policy, [_seq(f"s{i}") for i in range(64)], 0.6)
+    crowd = policy.choose(crowd_seqs, [4] * 64, 0).num_drafts
     assert sum(crowd) / len(crowd) < lone[0]
 
 
@@ -130,11 +146,13 @@ def _drafting_steps(policy: AdaptiveDraftPolicy, draft_rate: float, plain_rate: 
                     steps: int) -> list[bool]:
     """Run ``steps`` decode steps of one sequence whose drafted steps realise ``draft_rate``
     tokens/s and plain ones ``plain_rate``; return which steps drafted."""
-    seq, drafted = _seq("a", 0.7), []
+    seq, drafted = _known(policy, "a", 0.7), []
     for _ in range(steps):
-        k = policy.choose([seq], [4], 0)[0]
+        decision = policy.choose([seq], [4], 0)
+        k = decision.num_drafts[0]
         tokens = 2 if k else 1
-        policy.observe_outcome(k > 0, tokens, tokens / (draft_rate if k else plain_rate))
+        policy.observe_outcome(decision, k > 0, tokens,
+                               tokens / (draft_rate if k else plain_rate))
         drafted.append(k > 0)
     return drafted
 
@@ -144,7 +162,7 @@ def test_outcomes_overrule_costs_when_drafting_realises_less() -> None:
     tokens per second than plain ones: drafting stops but for probes that get ever rarer
     (each one makes the draft model catch up on every token it skipped)."""
     policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
-    assert policy.choose([_seq("a", 0.7)], [4], 0)[0] > 0  # what the costs alone say
+    assert policy.choose([_known(policy, "a", 0.7)], [4], 0).num_drafts[0] > 0  # costs alone
     drafted = _drafting_steps(policy, draft_rate=30.0, plain_rate=40.0, steps=1000)
     assert sum(drafted[-4 * AdaptiveDraftPolicy.PROBE_EVERY:]) <= 2  # a probe drafts twice
     assert sum(drafted) <= 20  # gaps 32, 64, ... up to MAX_PROBE_GAP
@@ -179,12 +197,12 @@ def test_a_draft_catch_up_step_is_not_counted_as_drafting_speed() -> None:
     """A step whose draft model first prefilled a new prompt is slow once; its rate must not be
     taken for what drafting realises, or drafting would be judged a loss from the start."""
     policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
-    seq = _seq("a", 0.7)
-    assert policy.choose([seq], [4], 0)[0] > 0
-    policy.observe_outcome(True, 1, 1.0, catch_up=True)
+    seq = _known(policy, "a", 0.7)
+    first = policy.choose([seq], [4], 0)
+    assert first.num_drafts[0] > 0
+    policy.observe_outcome(first, True, 1, 1.0, catch_up=True)
     assert all(r.draft_rate is None for r in policy.records.values())
-    policy.choose([seq], [4], 0)
-    policy.observe_outcome(True, 3, 0.05)
+    policy.observe_outcome(policy.choose([seq], [4], 0), True, 3, 0.05)
     assert [r.draft_rate for r in policy.records.values()] == [60.0]
 
 
@@ -192,33 +210,37 @@ def test_acceptance_estimate_is_per_token_alpha_whatever_k() -> None:
     """Drafts of a sequence with per-token acceptance alpha = 2/3, judged with K = 4 (each step
     accepts 2, then rejects) or K = 2 (accepts 2 of 2), estimate the same alpha; accepted /
     proposed would say 0.5 for K = 4 and 1.0 for K = 2, steering K by the K it was measured at."""
-    long_drafts, short_drafts = _seq("k4", None), _seq("k2", None)
+    long_drafts, short_drafts = AcceptanceCounts(), AcceptanceCounts()
     for _ in range(30):
-        record_acceptance(long_drafts, proposed=4, accepted=2)
-        record_acceptance(short_drafts, proposed=3, accepted=2)  # 2 accepted, the 3rd rejected
+        long_drafts.record(proposed=4, accepted=2)
+        short_drafts.record(proposed=3, accepted=2)  # 2 accepted, the 3rd rejected
     assert estimated_acceptance(long_drafts, 0.7) == pytest.approx(2 / 3, abs=0.005)
     assert estimated_acceptance(short_drafts, 0.7) == pytest.approx(2 / 3, abs=0.005)
-    record_acceptance(long_drafts, proposed=4, accepted=0)  # one bad step lowers it, gently
+    long_drafts.record(proposed=4, accepted=0)  # one bad step lowers it, gently
     assert 0.55 < estimated_acceptance(long_drafts, 0.7) < 2 / 3
 
 
 def test_one_drafted_step_moves_acceptance_only_part_way_from_the_prior() -> None:
     """A single drafted step (1 of 1 accepted, or 0 of 1) is weak evidence: the estimate moves
     from the prior toward it but stays far from 1 or 0, so one lucky draft does not earn K = 4
-    in a batch that cannot afford it; evidence fades while the sequence drafts nothing."""
-    lucky, unlucky = _seq("lucky", None), _seq("unlucky", None)
+    in a batch that cannot afford it; evidence fades while the sequence drafts nothing, once
+    the step that kept it plain is done (choosing itself changes no evidence)."""
+    lucky, unlucky = AcceptanceCounts(), AcceptanceCounts()
     assert estimated_acceptance(lucky, 0.7) == pytest.approx(0.7)
-    record_acceptance(lucky, proposed=1, accepted=1)
-    record_acceptance(unlucky, proposed=1, accepted=0)
+    lucky.record(proposed=1, accepted=1)
+    unlucky.record(proposed=1, accepted=0)
     assert 0.7 < estimated_acceptance(lucky, 0.7) < 0.85
     assert 0.4 < estimated_acceptance(unlucky, 0.7) < 0.7
     policy = _policy({n: 25.0 + 20.0 * n for n in range(1, 40)}, draft_pass_ms=3.0)
-    hopeless = _seq("hopeless", 0.0)
-    hopeless.recent_judged = hopeless.recent_accepted = 0.0
-    record_acceptance(hopeless, proposed=4, accepted=0)
-    before = estimated_acceptance(hopeless, 0.7)
-    assert policy.choose([hopeless], [4], 0) == [0]  # dear verify slots: no drafts
-    assert estimated_acceptance(hopeless, 0.7) > before  # drifting back toward the prior
+    hopeless = _seq("hopeless")
+    policy.by_request["hopeless"] = AcceptanceCounts()
+    policy.by_request["hopeless"].record(proposed=4, accepted=0)
+    before = policy.acceptance(hopeless)
+    decision = policy.choose([hopeless], [4], 0)
+    assert decision.num_drafts == [0]  # dear verify slots: no drafts
+    assert policy.acceptance(hopeless) == before  # asking changed nothing
+    policy.observe_outcome(decision, False, 1, 0.045)
+    assert policy.acceptance(hopeless) > before  # drifting back toward the prior
 
 
 def test_realised_rates_age_with_the_steps_of_their_range() -> None:
@@ -239,19 +261,21 @@ def test_a_verdict_that_drafting_loses_carries_to_larger_batches() -> None:
     bound, so dearer verify slots) does not explore drafting from scratch: it drafts only as a
     probe, after PROBE_EVERY plain steps; a smaller batch still explores on its own."""
     policy = _policy({n: 25.0 for n in range(1, 40)}, draft_pass_ms=3.0)
-    pair = [_seq("a", 0.7), _seq("b", 0.7)]
+    pair = _evidence(policy, [_seq("a"), _seq("b")], 0.7)
     for _ in range(40):
-        k = policy.choose(pair, [4, 4], 0)
-        policy.observe_outcome(any(k), 4 if any(k) else 2, 0.1 if any(k) else 0.025)
+        decision = policy.choose(pair, [4, 4], 0)
+        drafts = any(decision.num_drafts)
+        policy.observe_outcome(decision, drafts, 4 if drafts else 2, 0.1 if drafts else 0.025)
     assert policy.records[2].drafting_loses()
-    crowd = [_seq(f"s{i}", 0.7) for i in range(5)]
+    crowd = _evidence(policy, [_seq(f"s{i}") for i in range(5)], 0.7)
     drafted = []
     for _ in range(AdaptiveDraftPolicy.PROBE_EVERY + 2):
-        k = policy.choose(crowd, [4] * 5, 0)
-        policy.observe_outcome(any(k), 5, 0.025)
-        drafted.append(any(k))
+        decision = policy.choose(crowd, [4] * 5, 0)
+        policy.observe_outcome(decision, any(decision.num_drafts), 5, 0.025)
+        drafted.append(any(decision.num_drafts))
     assert not any(drafted[:AdaptiveDraftPolicy.PROBE_EVERY - 1]) and any(drafted)
-    assert any(policy.choose([_seq("lone", 0.7)], [4], 0))  # below the losing range
+    lone = _known(policy, "lone", 0.7)
+    assert any(policy.choose([lone], [4], 0).num_drafts)  # below the losing range
 
 
 def test_resuming_drafts_weighs_the_draft_models_catch_up() -> None:
@@ -261,11 +285,11 @@ def test_resuming_drafts_weighs_the_draft_models_catch_up() -> None:
     policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
     for _ in range(5):
         policy.observe_draft_pass(1, 2002, 2.0)  # a 2,000-token catch-up pass: 2 s
-    synced, behind = _seq("synced", 0.7), _seq("behind", 0.7)
+    synced, behind = _known(policy, "synced", 0.7), _known(policy, "behind", 0.7)
     behind.token_ids += [5] * 2000
     synced.num_draft_computed = len(synced.token_ids) - 1
-    assert policy.choose([synced], [4], 0)[0] > 0
-    assert policy.choose([behind], [4], 0) == [0]
+    assert policy.choose([synced], [4], 0).num_drafts[0] > 0
+    assert policy.choose([behind], [4], 0).num_drafts == [0]
 
 
 def test_a_new_sequence_starts_from_what_the_drafter_has_been_accepted_at() -> None:
@@ -276,13 +300,13 @@ def test_a_new_sequence_starts_from_what_the_drafter_has_been_accepted_at() -> N
     per_token = {n: 20.0 + 1.0 * n for n in range(1, 400)}
     failing, succeeding = _policy(per_token, 0.0), _policy(per_token, 0.0)
     for i in range(200):
-        failing.record_acceptance(_seq(f"f{i}", None), proposed=2, accepted=0)
-        succeeding.record_acceptance(_seq(f"s{i}", None), proposed=2, accepted=2)
-    assert failing.acceptance(_seq("new", None)) < 0.05
-    assert succeeding.acceptance(_seq("new", None)) > 0.9
-    crowd = [_seq(f"c{i}", None) for i in range(64)]
-    assert failing.choose(crowd, [4] * 64, 0) == [0] * 64
-    assert any(succeeding.choose(crowd, [4] * 64, 0))
+        failing.record_acceptance(_seq(f"f{i}"), proposed=2, accepted=0)
+        succeeding.record_acceptance(_seq(f"s{i}"), proposed=2, accepted=2)
+    assert failing.acceptance(_seq("new")) < 0.05
+    assert succeeding.acceptance(_seq("new")) > 0.9
+    crowd = [_seq(f"c{i}") for i in range(64)]
+    assert failing.choose(crowd, [4] * 64, 0).num_drafts == [0] * 64
+    assert any(succeeding.choose(crowd, [4] * 64, 0).num_drafts)
 
 
 
@@ -296,6 +320,47 @@ def test_drafting_that_promises_only_a_little_is_not_taken() -> None:
             policy.observe_target(8, 8, 100e-3)
             policy.observe_target(8, 16, verify_ms / 1e3)
             policy.observe_draft_pass(8, 8, 1e-3)
-    crowd = [_seq(f"s{i}", 0.6) for i in range(8)]
-    assert dear.choose(crowd, [1] * 8, 0) == [0] * 8
-    assert cheap.choose(crowd, [1] * 8, 0) == [1] * 8
+    crowd = _evidence(cheap, _evidence(dear, [_seq(f"s{i}") for i in range(8)], 0.6), 0.6)
+    assert dear.choose(crowd, [1] * 8, 0).num_drafts == [0] * 8
+    assert cheap.choose(crowd, [1] * 8, 0).num_drafts == [1] * 8
+
+
+def test_an_outcome_teaches_the_range_of_the_decision_it_answers() -> None:
+    """Each step's decision comes back with its outcome, so outcomes land where they belong
+    even when another decision was made in between: a pair's drafted step teaches the range of
+    2-3 sequences, not the lone sequence's range asked about after it."""
+    policy = _policy({n: 25.0 for n in range(1, 8)}, draft_pass_ms=3.0)
+    pair = policy.choose(_evidence(policy, [_seq("a"), _seq("b")], 0.7), [4, 4], 0)
+    lone = policy.choose([_known(policy, "c", 0.7)], [4], 0)
+    policy.observe_outcome(pair, True, 6, 0.1)
+    assert policy.records[2].draft_rate == pytest.approx(30.0)
+    assert policy.records[1].draft_rate is None
+    policy.observe_outcome(lone, True, 3, 0.05)
+    assert policy.records[1].draft_rate == pytest.approx(60.0)
+
+
+def test_a_sequence_is_forgotten_when_it_finishes_or_is_aborted() -> None:
+    """The policy keeps each sequence's acceptance while it runs, and the scheduler has it
+    dropped when the sequence finishes or is aborted (the drafter's own counts remain)."""
+    policy = AdaptiveDraftPolicy(adaptive=False)  # K = the cap: every decode step drafts
+    sched = Scheduler(SchedulerConfig(max_context=256, num_speculative_tokens=2),
+                      BlockAllocator(64), draft_policy=policy)
+    sched.add("finishes", [1, 2, 3], RequestParams(max_tokens=6))
+    sched.add("aborted", [1, 2, 3], RequestParams(max_tokens=50))
+
+    def step() -> None:
+        """Propose 9s in every draft slot; the model accepts the first draft, then says 7."""
+        plan = sched.schedule()
+        for item in plan.scheduled:
+            item.draft_token_ids = [9] * item.num_draft_slots
+        sched.postprocess(plan, [item.draft_token_ids[:1] + [7] if item.samples else []
+                                 for item in plan.scheduled])
+
+    step()  # prefill
+    step()  # both draft
+    assert set(policy.by_request) == {"finishes", "aborted"}
+    sched.abort("aborted")
+    assert set(policy.by_request) == {"finishes"}
+    while sched.has_unfinished():
+        step()
+    assert policy.by_request == {} and policy.drafter_counts.judged > 0

@@ -9,41 +9,28 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from helix_daemon.engine.config import EngineConfig
 from helix_daemon.engine.device import kv_budget_bytes, resolve_device, resolve_dtype
-from helix_daemon.engine.drafting import Drafter, make_drafter
+from helix_daemon.engine.drafting import Drafter, Drafts, NgramDrafter
+from helix_daemon.engine.generators import RequestGenerators
+from helix_daemon.engine.model_drafter import ModelDrafter
 from helix_daemon.engine.model_runner import ModelRunner
 from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget
-from scheduler.detokenizer import IncrementalDetokenizer, StopMatcher
+from scheduler.detokenizer import Decoder, DetokenizedText
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
 from scheduler.rejection import accept_greedy, rejection_sample
-from scheduler.sampling import make_generator, sample, shape_probs
+from scheduler.sampling import sample, shape_probs
 from scheduler.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SeqUpdate, StepPlan
 from scheduler.speculation import AdaptiveDraftPolicy
-
-
-class TextStream:
-    """Detokenizer plus stop-string matcher for one sequence (the scheduler's ``TextStream``)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prefix_ids: Seq[int],
-                 stop: Seq[str]) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, prefix_ids)
-        self._stop = StopMatcher(stop)
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        return self._stop.feed(self._detok.push(token_id))
-
-    def flush(self) -> str:
-        text, _stopped = self._stop.feed(self._detok.flush())
-        return text + self._stop.flush()
 
 
 @dataclass(slots=True)
@@ -54,12 +41,32 @@ class _Batch:
     logit_rows: list[int] = field(default_factory=list)
 
 
+class StepTimer:
+    """The two spans adaptive K learns from: the whole step, and its verify pass (everything
+    after the draft passes: the target forward, accept, rollback and outputs, which all grow
+    with the drafts)."""
+
+    def __init__(self) -> None:
+        self._started = self._verify_started = time.perf_counter()
+
+    def verify_starts(self) -> None:
+        self._verify_started = time.perf_counter()
+
+    def stop(self) -> tuple[float, float]:
+        """Seconds of the verify pass and of the whole step, until now."""
+        now = time.perf_counter()
+        return now - self._verify_started, now - self._started
+
+
 class Engine:
     def __init__(self, config: EngineConfig, target: ModelRunner,
-                 tokenizer: PreTrainedTokenizerBase, drafter: Drafter | None = None) -> None:
+                 tokenizer: PreTrainedTokenizerBase, generators: RequestGenerators,
+                 drafter: Drafter | None = None) -> None:
         self.config = config
         self.target = target
         self.tokenizer = tokenizer
+        # an HF tokenizer's decode of a list of ids is a str, as the detokenizer needs
+        self._decoder = cast(Decoder, tokenizer)
         self.drafter = drafter
         self.device = target.device
         num_blocks = config.num_kv_blocks or self._blocks_for_budget()
@@ -82,12 +89,7 @@ class Engine:
             eos_token_ids=_eos_ids(target, tokenizer),
             draft_policy=self._policy,
         )
-        self._generators: dict[str, torch.Generator | None] = {}
-        self._default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        if drafter is not None:
-            # draft sampling draws from the same per-request streams
-            drafter.generators = self._generators
-            drafter.default_generator = self._default_generator
+        self._generators = generators  # each request's random stream; a draft model's too
         self._num_steps = 0
         self._num_proposed = 0
         self._num_accepted = 0
@@ -103,8 +105,9 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         target = ModelRunner(config.model, dtype, device, config.cpu_linear)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        drafter = make_drafter(config.draft, target, tokenizer)
-        return cls(config, target, tokenizer, drafter)
+        generators = RequestGenerators(device, config.seed)
+        drafter = _make_drafter(config.draft, target, tokenizer, generators)
+        return cls(config, target, tokenizer, generators, drafter)
 
     def info(self) -> EngineInfo:
         return EngineInfo(device=str(self.device), kv_blocks=self.allocator.num_blocks,
@@ -126,13 +129,13 @@ class Engine:
         vocab = self.target.vocab_size
         if any(not 0 <= t < vocab for t in (*prompt_ids, *forced_output_ids)):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
-        text = TextStream(self.tokenizer, prompt_ids, params.stop)
+        text = DetokenizedText(self._decoder, prompt_ids, params.stop)
         # replay what an earlier attempt streamed so held-back text (a partial character or a
         # possible stop-string prefix) is in the same state as in an uninterrupted run
         for token_id in forced_output_ids:
             text.push(token_id)
         self.scheduler.add(request_id, prompt_ids, params, forced_output_ids, text)
-        self._generators[request_id] = make_generator(params.sampling.seed, self.device)
+        self._generators.add(request_id, params.sampling.seed)
 
     def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -150,56 +153,59 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        step_started = time.perf_counter()
+        """schedule -> draft -> run the target and accept -> postprocess; then adaptive K
+        learns from what the step cost and realised."""
+        timer = StepTimer()
         plan = self.scheduler.schedule()
-        sampled: list[list[int]] = []
-        num_tokens = 0
-        new_prompt = self._policy is not None and _drafts_a_new_prompt(plan)
-        verify_started = step_started
-        if plan.scheduled:
-            if self.drafter is not None:
-                self._propose(plan)
-            verify_started = time.perf_counter()
-            sampled, num_tokens = self._run(plan)
-            self._num_steps += 1
+        catch_up = _drafts_a_new_prompt(plan)  # asked before drafting moves the draft's KV on
+        drafts = self._draft(plan)
+        timer.verify_starts()
+        sampled = self._run(plan, drafts)
         self._account_kv()
         updates = self.scheduler.postprocess(plan, sampled)
         outputs = [self._output(u) for u in updates]
-        if num_tokens and self._policy is not None:
-            self._teach_policy(plan, sampled, num_tokens, step_started, verify_started,
-                               new_prompt)
+        self._teach_policy(plan, sampled, timer, catch_up)
         return outputs
 
-    def _teach_policy(self, plan: StepPlan, sampled: list[list[int]], num_tokens: int,
-                      step_started: float, verify_started: float, new_prompt: bool) -> None:
-        assert self._policy is not None
-        now = time.perf_counter()
-        # The verify pass's cost as adaptive K must weigh it: everything after the draft
-        # passes, accept, rollback and outputs included (they grow with the drafts too).
-        prefill = any(s.num_query_tokens > 1 for s in plan.scheduled)
-        self._policy.observe_target(len(plan.scheduled), num_tokens, now - verify_started,
-                                    prefill)
-        drafted = any(s.num_draft_slots for s in plan.scheduled)
-        self._policy.observe_outcome(drafted, sum(len(ids) for ids in sampled),
-                                     now - step_started, catch_up=new_prompt)
-
-    def _propose(self, plan: StepPlan) -> None:
-        assert self.drafter is not None
-        self.drafter.propose(plan)
+    def _draft(self, plan: StepPlan) -> Drafts:
+        """Fill the plan's draft slots; the policy learns what each draft pass cost."""
+        if self.drafter is None or not plan.scheduled:
+            return Drafts()
+        drafts = self.drafter.propose(plan)
         if self._policy is not None:
-            for num_seqs, num_tokens, seconds in self.drafter.pass_timings:
-                self._policy.observe_draft_pass(num_seqs, num_tokens, seconds)
+            for draft_pass in drafts.passes:
+                self._policy.observe_draft_pass(*draft_pass)
+        return drafts
 
-    def _run(self, plan: StepPlan) -> tuple[list[list[int]], int]:
-        """One packed target forward and acceptance: tokens per sequence, tokens verified."""
+    def _run(self, plan: StepPlan, drafts: Drafts) -> list[list[int]]:
+        """One packed target forward and acceptance: the tokens each sequence gains."""
+        if not plan.scheduled:
+            return []
         batch = _pack(plan, self.config.block_size)
         meta = build_metadata(batch.spans, self.config.block_size, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         logits = self.target.forward(as_tensor(batch.input_ids), as_tensor(batch.positions), meta,
                                      as_tensor(batch.logit_rows))
-        return self._accept(plan, logits), len(batch.input_ids)
+        self._num_steps += 1
+        return self._accept(plan, logits, drafts)
 
-    def _accept(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
+    def _teach_policy(self, plan: StepPlan, sampled: list[list[int]], timer: StepTimer,
+                      catch_up: bool) -> None:
+        """What the step cost for its shape, and what the policy's decision realised."""
+        if self._policy is None or not plan.scheduled:
+            return
+        verify_seconds, step_seconds = timer.stop()
+        prefill = any(s.num_query_tokens > 1 for s in plan.scheduled)
+        num_fed = sum(s.num_query_tokens + len(s.draft_token_ids) for s in plan.scheduled)
+        self._policy.observe_target(len(plan.scheduled), num_fed, verify_seconds, prefill)
+        if plan.draft_decision is not None:
+            drafted = any(s.num_draft_slots for s in plan.scheduled)
+            self._policy.observe_outcome(plan.draft_decision, drafted,
+                                         sum(len(ids) for ids in sampled), step_seconds,
+                                         catch_up=catch_up)
+
+    def _accept(self, plan: StepPlan, logits: torch.Tensor,
+                drafts: Drafts) -> list[list[int]]:
         """Sample each sequence's next token(s); with drafts, rejection sampling keeps p exact."""
         sampling = [s for s in plan.scheduled if s.samples]
         if all(s.seq.params.sampling.is_greedy for s in sampling):
@@ -210,10 +216,10 @@ class Engine:
         probs = shape_probs(logits, params)
         generators = [self._generators[s.seq.request_id] for s in sampling]
         if not any(s.draft_token_ids for s in sampling):
-            tokens = sample(probs, generators, self._default_generator).tolist()
+            tokens = sample(probs, generators, self._generators.default).tolist()
             chosen = iter([[t] for t in tokens])
         else:
-            chosen = iter(self._accept_drafts(sampling, probs, generators))
+            chosen = iter(self._accept_drafts(sampling, probs, generators, drafts))
         return [next(chosen) if s.samples else [] for s in plan.scheduled]
 
     def _accept_greedy(self, sampling: list[ScheduledSeq],
@@ -227,23 +233,23 @@ class Engine:
         return chosen
 
     def _accept_drafts(self, sampling: list[ScheduledSeq], probs: torch.Tensor,
-                       generators: list[torch.Generator | None]) -> list[list[int]]:
+                       generators: list[torch.Generator | None],
+                       drafts: Drafts) -> list[list[int]]:
         max_k = max(len(s.draft_token_ids) for s in sampling)
         vocab = probs.shape[-1]
         target = probs.new_zeros(len(sampling), max_k + 1, vocab)
-        drafts = torch.zeros(len(sampling), max_k, dtype=torch.long)
+        draft_ids = torch.zeros(len(sampling), max_k, dtype=torch.long)
         num_drafts = torch.tensor([len(s.draft_token_ids) for s in sampling])
-        draft_probs = self.drafter.draft_probs(sampling, max_k, vocab, probs.dtype) \
-            if self.drafter is not None else None
+        draft_probs = drafts.stacked_probs(sampling, max_k, vocab, probs.dtype, probs.device)
         row = 0
         for i, item in enumerate(sampling):
             k = len(item.draft_token_ids)
             target[i, : k + 1] = probs[row: row + k + 1]
-            drafts[i, :k] = torch.tensor(item.draft_token_ids, dtype=torch.long)
+            draft_ids[i, :k] = torch.tensor(item.draft_token_ids, dtype=torch.long)
             row += k + 1
-        tokens, accepted = rejection_sample(target, draft_probs, drafts.to(probs.device),
+        tokens, accepted = rejection_sample(target, draft_probs, draft_ids.to(probs.device),
                                             num_drafts.to(probs.device), generators,
-                                            self._default_generator)
+                                            self._generators.default)
         self._num_proposed += int(num_drafts.sum())
         self._num_accepted += int(accepted.sum())
         return [tokens[i, : int(accepted[i]) + 1].tolist() for i in range(len(sampling))]
@@ -251,7 +257,7 @@ class Engine:
     def _output(self, update: SeqUpdate) -> RequestOutput:
         seq = update.seq
         if update.finished:
-            self._generators.pop(seq.request_id, None)
+            self._generators.drop(seq.request_id)
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=update.new_token_ids,
             text_delta=update.text_delta, finished=update.finished,
@@ -314,6 +320,16 @@ def _pack(plan: StepPlan, block_size: int) -> _Batch:
             last_query = first_row + item.num_query_tokens - 1
             batch.logit_rows += range(last_query, last_query + len(item.draft_token_ids) + 1)
     return batch
+
+
+def _make_drafter(name: str, target: ModelRunner, tokenizer: PreTrainedTokenizerBase,
+                  generators: RequestGenerators) -> Drafter | None:
+    """The drafter ``EngineConfig.draft`` names: none, n-grams or a draft model's path."""
+    if name in ("none", ""):
+        return None
+    if name == "ngram":
+        return NgramDrafter()
+    return ModelDrafter.load(name, target, tokenizer, generators)
 
 
 def _eos_ids(target: ModelRunner, tokenizer: PreTrainedTokenizerBase) -> set[int]:

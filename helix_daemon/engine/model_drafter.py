@@ -12,6 +12,8 @@ import time
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from helix_daemon.engine.drafting import DraftPass, Drafts
+from helix_daemon.engine.generators import RequestGenerators
 from helix_daemon.engine.model_runner import ModelRunner
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import KVCacheSpec
@@ -24,19 +26,18 @@ class DraftModelMismatch(ValueError):
 
 
 class ModelDrafter:
-    def __init__(self, runner: ModelRunner, target_vocab: int, relative_cost: float) -> None:
+    def __init__(self, runner: ModelRunner, target_vocab: int, relative_cost: float,
+                 generators: RequestGenerators) -> None:
         self.runner = runner
         self.kv_spec: KVCacheSpec | None = runner.kv_spec
         self.relative_cost = relative_cost
         self.target_vocab = target_vocab
-        self.generators: dict[str, torch.Generator | None] = {}  # set by the engine
-        self.default_generator: torch.Generator | None = None
-        self._probs: dict[int, torch.Tensor] = {}  # id(item) -> q of its drafts [k, vocab]
-        self.pass_timings: list[tuple[int, int, float]] = []
+        self.generators = generators  # draft sampling draws from the requests' own streams
+        self.block_size = 0  # set with the cache
 
     @classmethod
-    def load(cls, name: str, target: ModelRunner,
-             tokenizer: PreTrainedTokenizerBase) -> ModelDrafter:
+    def load(cls, name: str, target: ModelRunner, tokenizer: PreTrainedTokenizerBase,
+             generators: RequestGenerators) -> ModelDrafter:
         draft_tokenizer = AutoTokenizer.from_pretrained(name)
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise DraftModelMismatch(
@@ -49,40 +50,36 @@ class ModelDrafter:
                 f"({target.vocab_size})")
         # decoding is memory-bound: a draft step costs about its share of the weights
         cost = runner.num_params / target.num_params
-        return cls(runner, target.vocab_size, cost)
+        return cls(runner, target.vocab_size, cost, generators)
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None:
         self.runner.allocate_cache(num_blocks, block_size)
         self.block_size = block_size
 
-    def propose(self, plan: StepPlan) -> None:
-        items = [s for s in plan.scheduled if s.num_draft_slots > 0]
-        self._probs = {}
-        self.pass_timings = []
-        if not items:
-            return
-        # pass 1 feeds every token the draft has not seen (usually 1-2), passes 2..K one each
-        feeds = {id(s): s.seq.token_ids[s.seq.num_draft_computed:] for s in items}
-        drafts: dict[int, list[torch.Tensor]] = {id(s): [] for s in items}
-        for step in range(max(s.num_draft_slots for s in items)):
-            active = [s for s in items if s.num_draft_slots > step]
+    def propose(self, plan: StepPlan) -> Drafts:
+        drafting = [_Drafting(s) for s in plan.scheduled if s.num_draft_slots > 0]
+        drafts = Drafts(probs={})
+        for step in range(max((d.item.num_draft_slots for d in drafting), default=0)):
+            active = [d for d in drafting if d.item.num_draft_slots > step]
             started = time.perf_counter()
-            probs = self._forward(active, feeds)
-            tokens = sample(probs, [self.generators.get(s.seq.request_id) for s in active],
-                            self.default_generator)
-            num_fed = sum(len(feeds[id(s)]) for s in active)
-            self.pass_timings.append((len(active), num_fed, time.perf_counter() - started))
-            for i, item in enumerate(active):
-                item.draft_token_ids.append(int(tokens[i]))
-                drafts[id(item)].append(probs[i])
-                item.seq.num_draft_computed += len(feeds[id(item)])
-                feeds[id(item)] = [int(tokens[i])]
-        self._probs = {key: torch.stack(rows) for key, rows in drafts.items()}
+            probs = self._forward(active)
+            tokens = sample(probs, [self.generators.get(d.request_id) for d in active],
+                            self.generators.default)
+            num_fed = sum(len(d.feed) for d in active)
+            drafts.passes.append(DraftPass(len(active), num_fed, time.perf_counter() - started))
+            for d, token, q in zip(active, tokens.tolist(), probs):
+                d.take(token, q)
+        drafts.probs = {d.request_id: torch.stack(d.probs) for d in drafting}
+        return drafts
 
-    def _forward(self, items: list[ScheduledSeq], feeds: dict[int, list[int]]) -> torch.Tensor:
-        ids, positions, spans, rows = [], [], [], []
-        for item in items:
-            seq, feed = item.seq, feeds[id(item)]
+    def _forward(self, active: list[_Drafting]) -> torch.Tensor:
+        """q of each sequence's next token, once the draft has been fed its ``feed``."""
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[SeqSpan] = []
+        rows: list[int] = []
+        for d in active:
+            seq, feed = d.item.seq, d.feed
             start = seq.num_draft_computed
             spans.append(SeqSpan(len(ids), len(feed), start + len(feed),
                                  seq.block_table.block_ids))  # type: ignore[union-attr]
@@ -97,13 +94,22 @@ class ModelDrafter:
             logits = torch.nn.functional.pad(logits, (0, self.target_vocab - logits.shape[-1]),
                                              value=float("-inf"))
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return shape_probs(logits.to(dtype), [s.seq.params.sampling for s in items])
+        return shape_probs(logits.to(dtype), [d.item.seq.params.sampling for d in active])
 
-    def draft_probs(self, items: list[ScheduledSeq], max_k: int, vocab: int,
-                    dtype: torch.dtype) -> torch.Tensor | None:
-        q = torch.zeros(len(items), max_k, vocab, dtype=dtype, device=self.runner.device)
-        for i, item in enumerate(items):
-            probs = self._probs.get(id(item))
-            if probs is not None:
-                q[i, : probs.shape[0]] = probs.to(dtype)
-        return q
+
+class _Drafting:
+    """One sequence's drafting within one ``propose``: what to feed next and q so far."""
+
+    def __init__(self, item: ScheduledSeq) -> None:
+        self.item = item
+        self.request_id = item.seq.request_id
+        # pass 1 feeds every token the draft has not seen (usually 1-2), passes 2..K one each
+        self.feed = item.seq.token_ids[item.seq.num_draft_computed:]
+        self.probs: list[torch.Tensor] = []  # q of each draft [vocab]
+
+    def take(self, token: int, q: torch.Tensor) -> None:
+        """The draft sampled ``token`` from ``q``: propose it and feed it to the next pass."""
+        self.item.draft_token_ids.append(token)
+        self.probs.append(q)
+        self.item.seq.num_draft_computed += len(self.feed)
+        self.feed = [token]
