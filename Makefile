@@ -33,8 +33,9 @@ test: venv redis  ## run the test suite (PYTEST_ARGS="-k kvpool -x" to narrow it
 	@$(WITH_VENV) $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; exit $$rc
 
-lint: venv  ## ruff, then the import rules of docs/architecture.md (import-linter)
+lint: venv  ## ruff, mypy, then the import rules of docs/architecture.md (import-linter)
 	@$(BIN)/ruff check .
+	@$(BIN)/mypy
 	@$(BIN)/lint-imports --no-cache
 
 demo: venv redis  ## run `helix demo` against $REDIS_URL (DEMO_ARGS="..." passes options)
