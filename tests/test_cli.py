@@ -176,6 +176,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
     r.close()
 
 
+@pytest.mark.process
 def test_serve_with_embedded_redis_and_sigterm(tmp_path: Path) -> None:
     """`helix serve --redis-url embedded` starts a private Redis, serves requests from it, and
     on SIGTERM drains, exits 0 and stops that Redis."""
