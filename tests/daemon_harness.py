@@ -239,43 +239,71 @@ class DaemonProcess:
 
 
 class ThreadDaemon:
-    """A ``Daemon`` on its own event loop in a background thread (tests stay synchronous and
-    can look at its engine); stopped the way SIGTERM stops it."""
+    """A ``Daemon`` on its own event loop in a background thread, started by
+    ``run_in_background`` as a program that embeds one would start it.
+
+    Blocking callers (``HelixClient``, ``cli.main`` with its own ``asyncio.run``, synchronous
+    tests that look at the engine) cannot share the daemon's loop; a thread with a private loop
+    keeps the whole stack in one process without mocking anything. ``start()`` returns once the
+    daemon serves and has registered; ``stop()`` takes the SIGTERM path (drain, unregister).
+    """
 
     def __init__(self, config: Any, engine: Any) -> None:
         self.config = config
         self.engine = engine
         self.daemon: Any = None
         self.exit_code: int | None = None
-        self._loop: Any = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()  # serving, or failed to start (then _start_error)
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"daemon-{config.daemon_id}",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
 
     async def _main(self) -> None:
         from helix_daemon.server.daemon import Daemon
-        from helix_daemon.server.run import redis_client
+        from helix_daemon.server.run import redis_client, run_in_background
 
         client = redis_client(self.config.redis_url)
         self._loop = asyncio.get_running_loop()
         self.daemon = Daemon(self.config, self.engine, client)
-        self._ready.set()
         try:
-            self.exit_code = await self.daemon.run()
+            try:
+                task = await run_in_background(self.daemon)
+            except BaseException as e:  # start() raises it in the test's thread
+                self._start_error = e
+                raise
+            finally:
+                self._started.set()
+            self.exit_code = await task
         finally:
             await client.aclose()
 
-    def start(self) -> ThreadDaemon:
+    def start(self, timeout_s: float = 30) -> ThreadDaemon:
+        """Run the daemon; return once it serves and its heartbeat key exists (registered)."""
         self._thread.start()
-        if not self._ready.wait(30):
-            raise TimeoutError("daemon thread did not start")
+        if not self._started.wait(timeout_s):
+            raise TimeoutError(f"daemon {self.config.daemon_id} did not start in {timeout_s}s")
+        if self._start_error is not None:
+            raise RuntimeError(f"daemon {self.config.daemon_id} did not start") \
+                from self._start_error
+        beat = p.daemon_key(self.config.daemon_id, self.config.key_prefix)
+        client = redis.Redis.from_url(self.config.redis_url)
+        try:
+            wait_until(lambda: bool(client.exists(beat)), timeout_s, "the daemon's heartbeat")
+        finally:
+            client.close()
         return self
 
     def kv_blocks_used(self) -> int:
         return self.daemon.engine_stats.kv_blocks_used
 
     def stop(self, timeout_s: float = 30) -> int | None:
-        """Stop like SIGTERM; a daemon that does not stop in time fails the test loudly."""
-        if self._thread.is_alive():
+        """Stop like SIGTERM and return the exit code; a daemon that does not stop in time fails
+        the test loudly, with every thread's stack and every task's."""
+        if self._thread.is_alive() and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # it may stop on its own meanwhile
                 self._loop.call_soon_threadsafe(self.daemon.request_stop)
             self._thread.join(timeout_s)
@@ -285,6 +313,26 @@ class ThreadDaemon:
                 task.print_stack()
             raise TimeoutError(f"daemon {self.config.daemon_id} did not stop in {timeout_s}s")
         return self.exit_code
+
+
+def start_thread_daemon(model: str, redis_url: str, prefix: str,
+                        **overrides: Any) -> ThreadDaemon:
+    """Load ``model`` on CPU with a small KV pool and serve the ``default`` queue of ``prefix``
+    in a thread (for client and CLI tests, which need one module-wide daemon)."""
+    from helix_daemon.config import DaemonConfig
+    from helix_daemon.engine_host.load import load_engine
+    from helix_daemon.logs import configure_logging
+
+    # Before the daemon binds its logger: its lines must go to stderr, never into the stdout
+    # the CLI tests parse.
+    configure_logging(json=True, level="WARNING")
+    settings: dict[str, Any] = dict(model=model, redis_url=redis_url, key_prefix=prefix,
+                                    daemon_id=f"{prefix}-d0", device="cpu", dtype="float32",
+                                    num_kv_blocks=256, max_num_seqs=16,
+                                    heartbeat_interval_s=0.2, drain_timeout_s=5.0)
+    settings.update(overrides)
+    config = DaemonConfig(**settings)
+    return ThreadDaemon(config, load_engine(config.engine_config())).start()
 
 
 # A "zygote" pays the torch/transformers import once and forks each daemon from it, so a test

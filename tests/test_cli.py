@@ -17,7 +17,7 @@ from helix_daemon.cli.serve import daemon_config
 from helix_daemon.client import HelixClient
 from helix_daemon.wire.protocol import meta_key, out_key
 from tests.conftest import SHARED_REDIS_URL
-from tests.live_daemon import LiveDaemon, start_live_daemon
+from tests.daemon_harness import ThreadDaemon, start_thread_daemon
 from tests.tiny import tiny_model
 
 
@@ -27,10 +27,10 @@ def prefix(module_prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def daemon(prefix: str) -> Iterator[LiveDaemon]:
-    live = start_live_daemon(tiny_model(), SHARED_REDIS_URL, prefix)
+def daemon(prefix: str, redis_url: str) -> Iterator[ThreadDaemon]:
+    live = start_thread_daemon(tiny_model(), redis_url, prefix)
     yield live
-    live.stop()
+    assert live.stop() == 0
 
 
 def _cli(prefix: str, *argv: str) -> int:
@@ -79,7 +79,7 @@ def test_batch_ids_are_deterministic(tmp_path: Path) -> None:
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) == 0.0
 
 
-def test_batch_rerun_skips_finished_ids(daemon: LiveDaemon, prefix: str, tmp_path: Path,
+def test_batch_rerun_skips_finished_ids(daemon: ThreadDaemon, prefix: str, tmp_path: Path,
                                         capsys) -> None:
     """A batch writes one JSONL result per line; re-running it enqueues nothing: ids in the
     output file are skipped, and ids finished in Redis but missing from the output are copied
@@ -111,7 +111,7 @@ def test_batch_rerun_skips_finished_ids(daemon: LiveDaemon, prefix: str, tmp_pat
     client.close()
 
 
-def test_status_lists_daemon_and_queue(daemon: LiveDaemon, prefix: str, capsys) -> None:
+def test_status_lists_daemon_and_queue(daemon: ThreadDaemon, prefix: str, capsys) -> None:
     """`helix status` shows the queue line and the live daemon with its model and KV blocks;
     --json carries the heartbeat fields."""
     assert _cli(prefix, "status") == 0
@@ -125,7 +125,7 @@ def test_status_lists_daemon_and_queue(daemon: LiveDaemon, prefix: str, capsys) 
     assert daemon_id == daemon.config.daemon_id and beat["kv_blocks_total"] == 256
 
 
-def test_submit_stream_and_resume(daemon: LiveDaemon, prefix: str, capsys) -> None:
+def test_submit_stream_and_resume(daemon: ThreadDaemon, prefix: str, capsys) -> None:
     """`submit --stream` prints the id then the text as it streams (equal to the stored result);
     `stream --json --from-seq 1` replays the events from seq 1 on, ending with `done`."""
     code = _cli(prefix, "submit", "Hello there", "--max-tokens", "6", "--temperature", "0",
@@ -144,7 +144,7 @@ def test_submit_stream_and_resume(daemon: LiveDaemon, prefix: str, capsys) -> No
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
 
-def test_cancel_stops_a_running_request(daemon: LiveDaemon, prefix: str, capsys) -> None:
+def test_cancel_stops_a_running_request(daemon: ThreadDaemon, prefix: str, capsys) -> None:
     """`helix cancel` on a long request ends it with a `cancelled` event well before
     max_tokens, and the meta hash records the cancel."""
     client = HelixClient.from_url(SHARED_REDIS_URL, prefix=prefix)
@@ -176,6 +176,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
     r.close()
 
 
+@pytest.mark.process
 def test_serve_with_embedded_redis_and_sigterm(tmp_path: Path) -> None:
     """`helix serve --redis-url embedded` starts a private Redis, serves requests from it, and
     on SIGTERM drains, exits 0 and stops that Redis."""

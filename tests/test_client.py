@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
@@ -145,13 +146,21 @@ def test_result_times_out_and_gap_is_detected(client: HelixClient, sync_redis,
                                               key_prefix: str) -> None:
     """No terminal event within timeout_s raises TimeoutError; a missing seq raises
     StreamGapError after re-reading instead of silently skipping output."""
+    with pytest.raises(TimeoutError):
+        client.result("never", timeout_s=0.3)
+    _write(sync_redis, out_key("g", key_prefix), TokenEvent(1, 1, 0, "x", [1]), _done(2))
+    with pytest.raises(StreamGapError):
+        client.result("g", timeout_s=5)
+
+
+@pytest.mark.perf
+def test_result_timeout_is_not_stretched_to_the_block(client: HelixClient) -> None:
+    """A 0.3 s timeout ends the wait in well under 2 s: the blocking read is cut to the time
+    left instead of running its full block (2 s by default)."""
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         client.result("never", timeout_s=0.3)
     assert time.monotonic() - start < 2
-    _write(sync_redis, out_key("g", key_prefix), TokenEvent(1, 1, 0, "x", [1]), _done(2))
-    with pytest.raises(StreamGapError):
-        client.result("g", timeout_s=5)
 
 
 def test_cancel_sets_flag_and_publishes(client: HelixClient, sync_redis, key_prefix: str) -> None:
@@ -181,10 +190,10 @@ async def test_async_client_round_trip(aclient: AsyncHelixClient, async_redis,
     assert await async_redis.xlen(queue_key("default", key_prefix)) == 1
     key = out_key(rid, key_prefix)
 
-    async def writer() -> None:
-        await asyncio.sleep(0.1)
+    async def writer() -> None:  # each event lands while the client is blocked in XREAD
+        await _until(lambda: _num_blocked_xreads(async_redis, key_prefix, 1), "a blocked read")
         await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "A", [7])))
-        await asyncio.sleep(0.05)
+        await _until(lambda: _num_blocked_xreads(async_redis, key_prefix, 1), "the shared read")
         await async_redis.xadd(key, encode_event(_done(1)))
 
     task = asyncio.create_task(writer())
@@ -200,6 +209,38 @@ async def _blocked_xreads(r: aioredis.Redis, name: str) -> set[int]:
             if c.get("name") == name and c.get("cmd") == "xread" and "b" in c.get("flags", "")}
 
 
+async def _num_blocked_xreads(r: aioredis.Redis, name: str, expected: int) -> bool:
+    return len(await _blocked_xreads(r, name)) == expected
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str,
+                 timeout_s: float = 10.0) -> None:
+    """Wait until ``condition`` holds (polling); a fixed sleep would be too short on a loaded
+    machine or needlessly long on a quiet one."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _follow(aclient: AsyncHelixClient, rid: str) -> tuple[asyncio.Task[list[int]], asyncio.Event]:
+    """Follow ``rid`` with long blocks (only a wake-up ends them early): the task returns the
+    seqs seen; the event is set on the first one. The stream then leaves its own read and joins
+    the shared one before its task next waits, so once the event is set, every later event of
+    ``rid`` can only come through the shared read."""
+    first = asyncio.Event()
+
+    async def run() -> list[int]:
+        seqs: list[int] = []
+        async for event in aclient.stream(rid, block_ms=60_000, timeout_s=30):
+            seqs.append(event.seq)
+            first.set()
+        return seqs
+
+    return asyncio.create_task(run()), first
+
+
 async def test_async_streams_share_one_blocking_read(aclient: AsyncHelixClient, async_redis,
                                                      key_prefix: str) -> None:
     """Streams read alone until their first event, then thirty of them wait in ONE blocking
@@ -211,21 +252,24 @@ async def test_async_streams_share_one_blocking_read(aclient: AsyncHelixClient, 
         await async_redis.xadd(out_key(rid, key_prefix),
                                encode_event(TokenEvent(0, 1, 0, "x", [i])))
 
-    async def follow(rid: str) -> list[int]:
-        return [e.seq async for e in aclient.stream(rid, block_ms=60_000, timeout_s=30)]
+    def blocked(expected: int) -> Callable[[], Awaitable[bool]]:
+        return lambda: _num_blocked_xreads(async_redis, key_prefix, expected)
 
-    tasks = [asyncio.create_task(follow(rid)) for rid in rids[:-1]]
-    await asyncio.sleep(0.2)
-    assert len(await _blocked_xreads(async_redis, key_prefix)) == len(rids) - 1  # alone
+    followed = [_follow(aclient, rid) for rid in rids[:-1]]
+    tasks = [task for task, _ in followed]
+    await _until(blocked(len(rids) - 1), "each stream blocked in a read of its own")
     for i, rid in enumerate(rids[:-1]):
         await first_token(rid, i)
-    await asyncio.sleep(0.3)
-    assert len(await _blocked_xreads(async_redis, key_prefix)) == 1  # all in the shared read
-    late = asyncio.create_task(follow(rids[-1]))
+    for _, first in followed:
+        await asyncio.wait_for(first.wait(), 10)
+    # every stream has left its own read: from now on only the shared read can block
+    await _until(blocked(1), "one shared read")
+    late, late_first = _follow(aclient, rids[-1])
     await first_token(rids[-1], 29)
-    await asyncio.sleep(0.3)  # it got its first token alone and joined the blocked read
-    assert len(await _blocked_xreads(async_redis, key_prefix)) == 1
+    await asyncio.wait_for(late_first.wait(), 10)  # read alone, then joined the blocked read
+    await _until(blocked(1), "the shared read, taking the late stream too")
     await async_redis.xadd(out_key(rids[-1], key_prefix), encode_event(_done(1)))
+    # well under the 4 s block: the join woke the shared read
     assert await asyncio.wait_for(late, timeout=2) == [0, 1]
     for i, rid in enumerate(rids[:-1]):
         await first_token(rid, i)  # a retried write: delivered once
@@ -247,9 +291,8 @@ async def test_async_stream_gap_timeout_and_second_reader(aclient: AsyncHelixCli
 
     key = out_key("two", key_prefix)
     first = asyncio.create_task(aclient.result("two", timeout_s=10))
-    await asyncio.sleep(0.1)
     second = asyncio.create_task(aclient.result("two", timeout_s=10))
-    await asyncio.sleep(0.1)
+    await _until(lambda: _num_blocked_xreads(async_redis, key_prefix, 2), "both readers")
     await async_redis.xadd(key, encode_event(TokenEvent(0, 1, 0, "ok", [3])))
     await async_redis.xadd(key, encode_event(_done(1)))
     a, b = await asyncio.gather(first, second)
@@ -259,9 +302,14 @@ async def test_async_stream_gap_timeout_and_second_reader(aclient: AsyncHelixCli
 async def test_closing_the_async_client_ends_its_streams(redis_url: str, key_prefix: str) -> None:
     """A stream still waiting when its client closes raises a ConnectionError instead of
     hanging forever."""
-    c = AsyncHelixClient(aioredis.Redis.from_url(redis_url), prefix=key_prefix)
+    c = AsyncHelixClient(aioredis.Redis.from_url(redis_url, client_name=key_prefix),
+                         prefix=key_prefix)
     waiting = asyncio.create_task(c.result("never-written", timeout_s=30))
-    await asyncio.sleep(0.2)
+    watcher = aioredis.Redis.from_url(redis_url)
+    try:
+        await _until(lambda: _num_blocked_xreads(watcher, key_prefix, 1), "the stream's read")
+    finally:
+        await watcher.aclose()
     await c.aclose()
     with pytest.raises(redis.ConnectionError):
         await asyncio.wait_for(waiting, timeout=5)
@@ -276,14 +324,13 @@ def live_prefix(module_prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def live_daemon(live_prefix: str):
-    from tests.conftest import SHARED_REDIS_URL
-    from tests.live_daemon import start_live_daemon
+def live_daemon(live_prefix: str, redis_url: str):
+    from tests.daemon_harness import start_thread_daemon
     from tests.tiny import tiny_model
 
-    daemon = start_live_daemon(tiny_model(), SHARED_REDIS_URL, live_prefix)
+    daemon = start_thread_daemon(tiny_model(), redis_url, live_prefix)
     yield daemon
-    daemon.stop()
+    assert daemon.stop() == 0
 
 
 async def test_end_to_end_greedy_requests(live_daemon, live_prefix: str, redis_url: str) -> None:
@@ -309,12 +356,12 @@ async def test_end_to_end_greedy_requests(live_daemon, live_prefix: str, redis_u
 
 
 def test_daemon_rejection_comes_back_as_an_error_result(live_daemon, live_prefix: str,
-                                                        sync_redis) -> None:
+                                                        sync_redis, redis_url: str) -> None:
     """A producer that skips client validation (raw XADD, as from redis-cli) gets an `error`
     event with code invalid_request, which result() reports instead of hanging."""
     sync_redis.xadd(queue_key("default", live_prefix),
                     {"v": "1", "id": "raw-1", "body": '{"prompt": "x", "max_tokens": 0}'})
-    with HelixClient.from_url("redis://127.0.0.1:6379/0", prefix=live_prefix) as client:
+    with HelixClient.from_url(redis_url, prefix=live_prefix) as client:
         result = client.result("raw-1", timeout_s=30)
     assert result.state == "error" and result.error_code == "invalid_request"
 
@@ -327,24 +374,20 @@ async def test_shared_read_survives_a_dropped_connection(aclient: AsyncHelixClie
     async def event(rid: str, ev: object) -> None:
         await async_redis.xadd(out_key(rid, key_prefix), encode_event(ev))
 
-    async def follow(rid: str) -> list[int]:  # long blocks: only a wake-up ends them early
-        return [e.seq async for e in aclient.stream(rid, block_ms=60_000, timeout_s=30)]
+    async def one_new_read() -> bool:  # the read is retried after a backoff
+        now = await _blocked_xreads(async_redis, key_prefix)
+        return len(now) == 1 and shared not in now
 
-    a = asyncio.create_task(follow("a"))
-    await asyncio.sleep(0.1)
+    a, a_first = _follow(aclient, "a")
     await event("a", TokenEvent(0, 1, 0, "x", [1]))
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(a_first.wait(), 10)  # "a" left its own read for the shared one
+    await _until(lambda: _num_blocked_xreads(async_redis, key_prefix, 1), "the shared read")
     [shared] = await _blocked_xreads(async_redis, key_prefix)
     await async_redis.client_kill_filter(_id=shared)
-    for _ in range(50):  # the read is retried after a backoff
-        await asyncio.sleep(0.1)
-        now = await _blocked_xreads(async_redis, key_prefix)
-        if now and shared not in now:
-            break
-    assert len(now) == 1 and shared not in now
-    b = asyncio.create_task(follow("b"))
+    await _until(one_new_read, "the shared read on a new connection")
+    b, b_first = _follow(aclient, "b")
     await event("b", TokenEvent(0, 1, 0, "y", [2]))
-    await asyncio.sleep(0.3)  # b got its first token alone and joined the shared read
+    await asyncio.wait_for(b_first.wait(), 10)  # read alone, then joined the shared read
     await event("b", _done(1))
     assert await asyncio.wait_for(b, timeout=2) == [0, 1]
     await event("a", _done(1))

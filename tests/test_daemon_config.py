@@ -34,17 +34,25 @@ def test_overrides_win_over_the_environment() -> None:
     assert config.queue == "flag"
 
 
-@pytest.mark.parametrize("env", [
-    {"HELIX_LEASE_MS": "soon"}, {"HELIX_LEASE_MS": "0"}, {"HELIX_MAX_ATTEMPTS": "-1"},
-    {"HELIX_LOG_JSON": "maybe"}, {"HELIX_RECLAIM_INTERVAL_S": "1s"}, {"HELIX_QUEUE": "a{b}"},
-    {"HELIX_KV_CACHE_MEMORY": "lots"}, {"HELIX_METRICS_PORT": "70000"},
-    {"HELIX_DRAIN_TIMEOUT_S": "-1"}, {"HELIX_NUM_KV_BLOCKS": "0"}, {"HELIX_TORCH_THREADS": "0"},
-    {"HELIX_CPU_LINEAR": "fast"},
+@pytest.mark.parametrize("name, value, message", [
+    ("LEASE_MS", "soon", "HELIX_LEASE_MS='soon' is not a valid int"),
+    ("LEASE_MS", "0", "lease_ms must be > 0, got 0"),
+    ("MAX_ATTEMPTS", "-1", "max_attempts must be > 0, got -1"),
+    ("LOG_JSON", "maybe", "HELIX_LOG_JSON='maybe' is not a valid bool"),
+    ("RECLAIM_INTERVAL_S", "1s", "HELIX_RECLAIM_INTERVAL_S='1s' is not a valid float"),
+    ("QUEUE", "a{b}", "queue: .*no '{' or '}'"),
+    ("KV_CACHE_MEMORY", "lots", "kv_cache_memory: not 'auto' or a number: 'lots'"),
+    ("METRICS_PORT", "70000", "metrics_port must be in 0..65535"),
+    ("DRAIN_TIMEOUT_S", "-1", "drain_timeout_s must be >= 0"),
+    ("NUM_KV_BLOCKS", "0", "num_kv_blocks must be >= 1"),
+    ("TORCH_THREADS", "0", "torch_threads must be >= 1"),
+    ("CPU_LINEAR", "fast", "cpu_linear must be one of auto, onednn, blas, got 'fast'"),
 ])
-def test_bad_values_raise(env: dict[str, str]) -> None:
-    """A value that does not parse or is out of range raises ValueError, never a silent default."""
-    with pytest.raises(ValueError):
-        DaemonConfig.from_env(env)
+def test_bad_values_raise(name: str, value: str, message: str) -> None:
+    """A value that does not parse or is out of range raises ValueError naming the setting and
+    what is wrong with it, never a silent default."""
+    with pytest.raises(ValueError, match=message):
+        DaemonConfig.from_env({f"HELIX_{name}": value})
 
 
 def test_heartbeat_ttl_covers_three_beats() -> None:

@@ -36,6 +36,8 @@ from tests.daemon_harness import (
     wait_until,
 )
 
+pytestmark = pytest.mark.process  # `make test-fast` leaves these out
+
 QUEUE = "pq"
 PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time"]
 

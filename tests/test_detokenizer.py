@@ -32,12 +32,18 @@ def _stream(tok: PreTrainedTokenizerBase, prefix: Sequence[int], ids: Sequence[i
 # -- tiny tokenizer ---------------------------------------------------------------------------
 
 
-def test_tiny_tokenizer_is_fast_deterministic_and_splits_multibyte_chars(tmp_path) -> None:
-    """Built offline in < 5 s, the same vocabulary every time, eos/bos/pad = <|endoftext|> = id
-    0, exact round trip, non-ASCII characters span several tokens, and save/load works."""
+@pytest.mark.perf
+def test_tiny_tokenizer_builds_in_seconds() -> None:
+    """Built offline in < 5 s: every test session builds it, several times."""
     start = time.perf_counter()
-    tok = build_tokenizer(VOCAB)
+    build_tokenizer(VOCAB)
     assert time.perf_counter() - start < 5.0
+
+
+def test_tiny_tokenizer_is_deterministic_and_splits_multibyte_chars(tmp_path) -> None:
+    """The same vocabulary every time, eos/bos/pad = <|endoftext|> = id 0, exact round trip,
+    non-ASCII characters span several tokens, and save/load works."""
+    tok = build_tokenizer(VOCAB)
     assert tok.get_vocab() == build_tokenizer(VOCAB).get_vocab()
     assert len(tok) == VOCAB
     assert tok.eos_token == tok.bos_token == tok.pad_token == EOS_TOKEN

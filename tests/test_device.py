@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -15,14 +17,50 @@ from helix_daemon.engine.device import (
 )
 
 
-def test_auto_picks_an_available_device_and_its_dtype() -> None:
-    """`auto` resolves to a device this machine has, and CPU computes in float32."""
+def _has_directml() -> bool:
+    return importlib.util.find_spec("torch_directml") is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available()
+                    or _has_directml(), reason="an accelerator is present: auto picks it")
+def test_auto_without_an_accelerator_is_the_cpu_in_float32() -> None:
+    """On a machine with no CUDA, DirectML or MPS (this one, CI), `auto` is the CPU and its
+    `auto` dtype is float32; naming `cpu` gives the same device."""
     device = resolve_device("auto")
-    assert device.type in ("cuda", "mps", "privateuseone", "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("float64", torch.device("cpu")) == torch.float64
-    with pytest.raises(ValueError, match="unknown dtype"):
-        resolve_dtype("float13", torch.device("cpu"))
+    assert device == torch.device("cpu") == resolve_device("cpu")
+    assert resolve_dtype("auto", device) == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_auto_prefers_cuda_in_a_half_precision() -> None:
+    """Where CUDA is present, `auto` picks it first, in bfloat16 (float16 without bf16)."""
+    device = resolve_device("auto")
+    assert device.type == "cuda"
+    assert resolve_dtype("auto", device) in (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.skipif(_has_directml(), reason="torch_directml is installed")
+def test_unusable_device_names_are_refused() -> None:
+    """`directml` without torch_directml says what is missing; a name torch does not know is
+    refused rather than silently replaced by the CPU."""
+    with pytest.raises(ValueError, match="torch_directml is not installed"):
+        resolve_device("directml")
+    with pytest.raises(RuntimeError, match="device type at start of device string: gpu"):
+        resolve_device("gpu")
+
+
+def test_dtype_names_resolve_and_unknown_ones_are_refused() -> None:
+    """Each named dtype maps to its torch dtype on any device; `auto` is float32 on the CPU and
+    float16 on an accelerator that is not CUDA; an unknown name lists the choices."""
+    cpu, other = torch.device("cpu"), torch.device("meta")
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "float64": torch.float64}
+    for name, dtype in names.items():
+        assert resolve_dtype(name, cpu) == resolve_dtype(name, other) == dtype
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", other) == torch.float16
+    with pytest.raises(ValueError, match=r"unknown dtype 'float13'; choose one of .*float64"):
+        resolve_dtype("float13", cpu)
 
 
 def test_kv_budget_bytes_fraction_bytes_and_auto() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +68,7 @@ def test_matches_brute_force_definition(ids: list[int], k: int, max_ngram: int,
     assert got == want
 
 
+@pytest.mark.perf
 def test_fast_on_4k_tokens() -> None:
     """It runs per sequence per step: on 4,096 tokens it averages well under a millisecond, for
     random text (few matches) and for a long loop (matches everywhere)."""
