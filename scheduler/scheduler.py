@@ -248,7 +248,10 @@ class Scheduler:
                 break
             num_query = min(seq.num_uncomputed, budget)
             table = BlockTable(self.allocator, self.config.block_size)
-            needed = table.blocks_needed(num_query) + self.config.watermark_blocks
+            # The watermark keeps room for running sequences to grow; with none running it
+            # would only stall a request whose first chunk needs the whole pool, forever.
+            watermark = self.config.watermark_blocks if self.running else 0
+            needed = table.blocks_needed(num_query) + watermark
             if not self.allocator.can_allocate(needed):
                 break
             self.waiting.pop(0)

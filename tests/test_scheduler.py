@@ -117,16 +117,11 @@ def test_abort_frees_blocks_at_once() -> None:
     assert not sched.has_unfinished()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scheduler bug: admission asks for the first chunk's blocks plus watermark_blocks, while "
-    "validation only checks that the whole request fits the pool, so a request whose first "
-    "chunk needs (nearly) the whole pool is accepted and then never admitted; the same stall "
-    "hits a long sequence waiting again after a preemption"))
 def test_a_request_that_fits_the_pool_runs_despite_the_watermark() -> None:
     """A request validation accepts (11 prompt + 1 output tokens: 3 blocks of 4, in a 3-block
     pool) runs once nothing else holds blocks: the watermark only keeps room for running
-    sequences, and there are none. Found by SchedulerMachine, which leaves such requests out
-    while this fails."""
+    sequences, and there are none. Found by SchedulerMachine: admission used to add the watermark
+    even then, and such a request waited for ever."""
     sched = make(num_blocks=3, block_size=4, max_num_batched_tokens=16, watermark_blocks=1)
     sched.add("whole-pool", [2] * 11, RequestParams(max_tokens=1))
     _, updates = fake_step(sched)
@@ -198,7 +193,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if data.draw(st.integers(0, 9), label="oversized") == 0:
             total = data.draw(st.integers(room + 1, room + 4), label="total")
         else:
-            total = data.draw(st.integers(2, self._admissible_total(room)), label="total")
+            total = data.draw(st.integers(2, room), label="total")
         prompt_len = data.draw(st.integers(1, total - 1), label="prompt_len")
         max_tokens = total - prompt_len
         num_forced = data.draw(st.one_of(st.just(0), st.integers(0, max_tokens + 1)),
@@ -218,19 +213,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.num_forced[rid] = num_forced
         if num_forced >= max_tokens:  # already done: its final update comes with the next step
             self.closed.add(rid)
-
-    def _admissible_total(self, room: int) -> int:
-        """The largest request (prompt + max_tokens) that validation accepts and that can also
-        be admitted into an empty pool whenever it waits: first, or after a preemption with up
-        to total - 1 tokens to recompute. Admission wants the first chunk's blocks plus the
-        watermark; larger requests would stall (test_a_request_that_fits_the_pool_runs_...,
-        xfail), so the machine leaves them out until that is fixed."""
-        config = self.sched.config
-        free_of_watermark = (self.sched.allocator.num_blocks - config.watermark_blocks) \
-            * config.block_size
-        if config.max_num_batched_tokens <= free_of_watermark:
-            return room  # every first chunk fits
-        return min(room, free_of_watermark + 1)
 
     @rule(data=st.data(), num_steps=st.integers(1, 4))
     def step(self, data: st.DataObject, num_steps: int) -> None:
