@@ -333,7 +333,8 @@ MODEL_SIZES = {"tiny": {"hidden_size": 128, "num_layers": 2},
 
 def load_engine(model: str | None, draft: str, max_num_seqs: int, workdir: Path,
                 size: str = "tiny") -> Any:
-    from helix_daemon.engine.engine import Engine, EngineConfig
+    from helix_daemon.engine.config import EngineConfig
+    from helix_daemon.engine.engine import Engine
 
     if model is None:
         from helix_daemon.testing.tiny_models import build_tiny_model

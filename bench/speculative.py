@@ -32,9 +32,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from helix_daemon.engine.config import CPU_LINEAR_CHOICES
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES, EngineConfig
 from helix_daemon.engine.drafting import Drafts
-from helix_daemon.engine.engine import Engine, EngineConfig
+from helix_daemon.engine.engine import Engine
 from helix_daemon.testing.tiny_models import build_draft_target_pair
 from scheduler.params import RequestParams, SamplingParams
 from scheduler.scheduler import StepPlan
@@ -371,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of each Helix method per batch size; the fastest counts")
     parser.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_CHOICES,
-                        help="how Helix runs linear layers on CPU (helix_daemon/cpu_linear.py)")
+                        help="how Helix runs linear layers on CPU "
+                             "(helix_daemon/engine/cpu_linear.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = QUICK_PAIR if args.quick else FULL_PAIR

@@ -266,7 +266,8 @@ def run_hf_continuous(model: torch.nn.Module, requests: Sequence[BenchRequest], 
 
 
 def make_helix(path: Path, budget_bytes: int, max_seqs: int, max_batched: int) -> Any:
-    from helix_daemon.engine.engine import Engine, EngineConfig
+    from helix_daemon.engine.config import EngineConfig
+    from helix_daemon.engine.engine import Engine
 
     return Engine.from_config(EngineConfig(
         model=str(path), draft="none", device="cpu", dtype="float32",

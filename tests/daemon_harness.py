@@ -122,7 +122,8 @@ def one_torch_thread() -> Iterator[None]:
 
 def _greedy(model: str, prompts: list[str], max_tokens: int,
             dtype: str) -> list[tuple[list[int], str]]:
-    from helix_daemon.engine.engine import Engine, EngineConfig
+    from helix_daemon.engine.config import EngineConfig
+    from helix_daemon.engine.engine import Engine
     from scheduler.params import RequestParams, SamplingParams
 
     engine = Engine.from_config(EngineConfig(model=model, device="cpu", dtype=dtype,

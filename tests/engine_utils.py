@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from helix_daemon.engine.engine import Engine, EngineConfig
+from helix_daemon.engine.config import EngineConfig
+from helix_daemon.engine.engine import Engine
 from scheduler.params import RequestParams, SamplingParams
 
 

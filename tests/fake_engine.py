@@ -52,6 +52,7 @@ class FakeEngine:
         self.aborted: list[str] = []  # engine ids aborted while they ran
         self.finished: list[str] = []  # engine ids that reached max_tokens
         self._running: dict[str, _Running] = {}
+        self._aborts: list[RequestOutput] = []  # reported by the next step, as the engine does
         self._num_steps = 0
         self._resumed = threading.Event()
         self._resumed.set()
@@ -79,13 +80,16 @@ class FakeEngine:
         self.added.append(request_id)
 
     def abort(self, request_id: str) -> bool:
-        if self._running.pop(request_id, None) is None:
+        run = self._running.pop(request_id, None)
+        if run is None:
             return False
         self.aborted.append(request_id)
+        self._aborts.append(RequestOutput(request_id, [], "", True, "abort",
+                                          run.num_prompt_tokens, len(run.output_ids), 0, 0))
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._running)
+        return bool(self._running or self._aborts)
 
     def step(self) -> list[RequestOutput]:
         if not self._resumed.wait(_PAUSED_STEP_S):
@@ -96,7 +100,8 @@ class FakeEngine:
             if output.finished:
                 del self._running[output.request_id]
                 self.finished.append(output.request_id)
-        return outputs
+        aborted, self._aborts = self._aborts, []
+        return aborted + outputs
 
     def stats(self) -> EngineStats:
         used = sum(-(-(r.num_prompt_tokens + len(r.output_ids)) // BLOCK_SIZE)

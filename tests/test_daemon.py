@@ -335,7 +335,8 @@ def test_speculative_daemon_is_lossless_and_exports_metrics(start_daemon, sync_r
 
 def _history(model: str, prompt: str, params: object) -> list[tuple[list[int], str]]:
     """(ids so far, text emitted so far) after every step of an uninterrupted in-process run."""
-    from helix_daemon.engine.engine import Engine, EngineConfig
+    from helix_daemon.engine.config import EngineConfig
+    from helix_daemon.engine.engine import Engine
 
     engine = Engine.from_config(EngineConfig(model=model, device="cpu", dtype="float64",
                                              num_kv_blocks=64))

@@ -6,15 +6,13 @@ Every client command is a thin layer over ``helix_daemon.client`` (protocol v1, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from helix_daemon.cli.batch import cmd_batch
-from helix_daemon.cli.commands import cmd_cancel, cmd_status, cmd_stream, cmd_submit
-from helix_daemon.cli.demo import cmd_demo
-from helix_daemon.cli.serve import SHARED_DEFAULT_URL, cmd_serve
+from helix_daemon.client.core import DEFAULT_URL
 from helix_daemon.engine.config import CPU_LINEAR_CHOICES
 from helix_daemon.logs import configure_logging
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE
@@ -47,7 +45,7 @@ def parse_memory(text: str) -> str:
 
 
 
-def _common(redis_url: str = SHARED_DEFAULT_URL) -> argparse.ArgumentParser:
+def _common(redis_url: str = DEFAULT_URL) -> argparse.ArgumentParser:
     # A fresh parent per subcommand: argparse shares parents' actions, so one subcommand's
     # defaults would otherwise leak into the others.
     common = argparse.ArgumentParser(add_help=False)
@@ -152,15 +150,22 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 
+# Each command's module is imported when it runs: `helix status` need not load the daemon.
+_COMMANDS = {"serve": "serve", "submit": "commands", "stream": "commands", "cancel": "commands",
+             "status": "commands", "batch": "batch", "demo": "demo"}
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    module = importlib.import_module(f"helix_daemon.cli.{_COMMANDS[name]}")
+    command: Callable[[argparse.Namespace], int] = getattr(module, f"cmd_{name}")
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(level=args.log_level if args.command != "serve" else "INFO")
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "serve": cmd_serve, "submit": cmd_submit, "stream": cmd_stream, "cancel": cmd_cancel,
-        "status": cmd_status, "batch": cmd_batch, "demo": cmd_demo,
-    }
     try:
-        return commands[args.command](args)
+        return _command(args.command)(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, TimeoutError, ConnectionError, OSError) as e:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from helix_daemon.client.core import DEFAULT_URL
 from helix_daemon.config import DaemonConfig
 from helix_daemon.server.run import serve
 from helix_daemon.wire.embedded import resolve_redis_url
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE
-
-SHARED_DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
 def daemon_config(args: argparse.Namespace, redis_url: str) -> DaemonConfig:
@@ -31,7 +30,7 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> DaemonConfig:
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),
-              "redis_url": (redis_url, SHARED_DEFAULT_URL)}
+              "redis_url": (redis_url, DEFAULT_URL)}
     overrides |= {name: value for name, (value, default) in shared.items() if value != default}
     config = DaemonConfig.from_env(**overrides)
     if not config.model:

@@ -192,7 +192,11 @@ class Engine:
     def _teach_policy(self, plan: StepPlan, sampled: list[list[int]], timer: StepTimer,
                       catch_up: bool) -> None:
         """What the step cost for its shape, and what the policy's decision realised."""
-        if self._policy is None or not plan.scheduled:
+        if self._policy is None:
+            return
+        if not plan.scheduled:  # every decoding sequence was preempted: nothing ran to time
+            if plan.draft_decision is not None:  # but the kept-plain evidence still fades
+                self._policy.observe_outcome(plan.draft_decision, False, 0, 0.0)
             return
         verify_seconds, step_seconds = timer.stop()
         prefill = any(s.num_query_tokens > 1 for s in plan.scheduled)

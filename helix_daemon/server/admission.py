@@ -8,8 +8,7 @@ streamed. A new entry gets a head start: it enters the engine before its claim i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from helix_daemon.config import DaemonConfig
 from helix_daemon.engine_host.messages import AddCommand, StepResult
@@ -66,9 +65,8 @@ class Admission:
         """
         wanted: list[tuple[ClaimRequest, dict[bytes, bytes], p.Request]] = []
         for entry_id, fields in entries:
-            try:  # the wire accepts str or bytes fields; a queue entry's are bytes
-                request = p.decode_request(cast(Mapping[bytes | str, bytes | str], fields),
-                                           entry_id)
+            try:
+                request = p.decode_request(fields, entry_id)
             except p.BadEntryError as e:
                 await self._reject_entry(entry_id, fields, e)
                 continue

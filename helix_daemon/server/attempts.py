@@ -232,9 +232,11 @@ class AttemptTable:
     def acks_to_send(self) -> list[str]:
         return self._acks[:]
 
-    def acks_sent(self, count: int) -> None:
-        """The first ``count`` queued acks reached Redis (more may have been queued since)."""
-        del self._acks[:count]
+    def acks_sent(self, entry_ids: list[str]) -> None:
+        """These acks reached Redis. Removed by id, not by count: the drain's last round can
+        run beside the writer's, and an ack queued between their snapshots is still owed."""
+        sent = set(entry_ids)
+        self._acks = [entry_id for entry_id in self._acks if entry_id not in sent]
         self.slots_freed.set()
 
     # --- engine results ---------------------------------------------------------------------

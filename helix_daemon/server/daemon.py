@@ -35,7 +35,7 @@ from helix_daemon.engine.outputs import EngineStats
 from helix_daemon.engine_host.load import load_engine
 from helix_daemon.engine_host.messages import StepResult
 from helix_daemon.engine_host.process import EngineProcess, EngineProcessError
-from helix_daemon.engine_host.protocols import EngineHandle
+from helix_daemon.engine_host.protocols import EngineHandle, StepEngine
 from helix_daemon.engine_host.thread import EngineThread
 from helix_daemon.server.admission import Admission
 from helix_daemon.server.attempts import AttemptTable
@@ -55,7 +55,7 @@ _FULL_RECHECK_S = 0.1  # a full daemon looks again at least this often
 class Daemon:
     """One daemon on one queue; ``run()`` returns the process exit code."""
 
-    def __init__(self, config: DaemonConfig, engine: Any, client: aioredis.Redis,
+    def __init__(self, config: DaemonConfig, engine: StepEngine | None, client: aioredis.Redis,
                  metrics: DaemonMetrics | None = None) -> None:
         """``engine``: an ``Engine`` to run in a thread, or None to load ``config.model``
         (in an engine process unless ``config.engine_process`` is off)."""
@@ -76,17 +76,22 @@ class Daemon:
         self._started_ms = now_ms()
         self._engine_stats: EngineStats | None = None  # from the latest StepResult
         self._window = ThroughputWindow()
-        self._worker: EngineHandle | None = None
+        self._handle: EngineHandle | None = None
+        self._table = AttemptTable(self._abort_in_engine, self.metrics, self._window, self.log)
         # The owners that act on the engine, wired in _compose once its handle exists:
-        self._table: AttemptTable
         self._admission: Admission
         self._writer: StreamWriter
         self._upkeep: Upkeep
 
     @property
     def engine_stats(self) -> EngineStats | None:
-        """The engine's stats after its latest step (None before its first step)."""
+        """The engine's stats after its latest step (its starting stats until then; None
+        before the engine has started)."""
         return self._engine_stats
+
+    def _abort_in_engine(self, engine_id: str) -> None:
+        if self._handle is not None:
+            self._handle.abort(engine_id)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -94,8 +99,8 @@ class Daemon:
         """SIGTERM: stop pulling, drain, hand the rest back, exit 0."""
         self.log.info("stop requested")
         self._stop.set()
-        if self._worker is not None and self._worker.info is None:
-            self._worker.kill()  # still loading the model: nothing to drain
+        if self._handle is not None and self._handle.info is None:
+            self._handle.kill()  # still loading the model: nothing to drain
 
     async def run(self) -> int:
         if self._stop.is_set():  # stopped before it started: load nothing
@@ -119,8 +124,8 @@ class Daemon:
             self._closing.set()  # loops end even where a library swallowed their cancel
             for task in tasks:
                 task.cancel()
-            if self._worker is not None:
-                self._worker.kill()
+            if self._handle is not None:
+                self._handle.kill()
 
     async def _launch(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
         await self._start_engine()  # should what follows fail, run() ends the engine
@@ -130,21 +135,21 @@ class Daemon:
         """The engine in a process of its own, or in a thread: the caller's engine, or the
         configured model when ``engine_process`` is off."""
         loop = asyncio.get_running_loop()
-        worker: EngineHandle
+        handle: EngineHandle
         if self.engine is None and self.config.engine_process:
-            worker = self._worker = EngineProcess(self.config.engine_config(), loop, self._on_step)
-            self._compose(worker)
-            await asyncio.to_thread(worker.start)  # loads the model
+            handle = self._handle = EngineProcess(self.config.engine_config(), loop, self._on_step)
+            self._compose(handle)
+            await asyncio.to_thread(handle.start)  # loads the model
         else:
             if self.engine is None:
                 self.engine = await asyncio.to_thread(load_engine, self.config.engine_config())
-            worker = self._worker = EngineThread.on_loop(self.engine, loop, self._on_step)
-            self._compose(worker)  # before the start: the first result (stats) may come at once
-            await asyncio.to_thread(worker.start)
+            handle = self._handle = EngineThread.on_loop(self.engine, loop, self._on_step)
+            self._compose(handle)  # before the start: the first result (stats) may come at once
+            await asyncio.to_thread(handle.start)
 
     def _compose(self, engine: EngineHandle) -> None:
         """Wire the owners around the engine's handle (before any step can be delivered)."""
-        table = self._table = AttemptTable(engine.abort, self.metrics, self._window, self.log)
+        table = self._table
         self._admission = Admission(self.config, self.store, table, engine, self.metrics,
                                     self.log)
         self._writer = StreamWriter(self.store, table, self._closing, self.log)
@@ -153,7 +158,7 @@ class Daemon:
                               started_ms=self._started_ms, closing=self._closing, log=self.log)
 
     async def _start_tasks(self) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]]]:
-        assert self._worker is not None and self._worker.info is not None
+        assert self._handle is not None and self._handle.info is not None
         await self._until_ok(self.store.ensure_group)
         self.metrics.start_http(self.config.metrics_port)
         background = [self._supervised("flush", self._writer.run()),
@@ -162,9 +167,9 @@ class Daemon:
         await self._recover_own_entries()
         pulling = [self._supervised("intake", self._intake_loop()),
                    self._supervised("reclaim", self._reclaim_loop())]
-        info = self._worker.info
+        info = self._handle.info
         self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
-                      engine=type(self._worker).__name__, device=info.device,
+                      engine=type(self._handle).__name__, device=info.device,
                       kv_blocks=info.kv_blocks, kv_block_size=info.kv_block_size,
                       kv_bytes=info.kv_bytes, linear_form=info.linear_form)
         self.ready.set()
@@ -194,8 +199,8 @@ class Daemon:
             await self._drain()
         self._closing.set()
         await _cancel(background)
-        assert self._worker is not None
-        await asyncio.to_thread(self._worker.stop)
+        assert self._handle is not None
+        await asyncio.to_thread(self._handle.stop)
         self.metrics.stop_http()
         with contextlib.suppress(*REDIS_ERRORS):
             await self.store.unregister()
@@ -231,7 +236,7 @@ class Daemon:
 
     def free_slots(self) -> int:
         """How many more requests the engine can admit soon (0 while the KV pool is full;
-        before the engine's first step there are no stats, hence no KV pressure)."""
+        before the engine has started there are no stats, hence no KV pressure)."""
         stats = self.engine_stats
         if stats is not None and stats.kv_blocks_total and \
                 stats.kv_blocks_used / stats.kv_blocks_total >= self.config.kv_high_watermark:

@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from helix_daemon.config import DaemonConfig
+from helix_daemon.engine_host.protocols import StepEngine
 from helix_daemon.server.daemon import Daemon
 from helix_daemon.wire.connection import async_redis
 
@@ -35,7 +35,7 @@ async def run_in_background(daemon: Daemon) -> asyncio.Task[int]:
     return task
 
 
-async def run_daemon(config: DaemonConfig, engine: Any = None) -> int:
+async def run_daemon(config: DaemonConfig, engine: StepEngine | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``Daemon.request_stop``); return the exit code.
 
     Without an ``engine``, the daemon loads ``config.model`` (see ``Daemon._start_engine``)."""

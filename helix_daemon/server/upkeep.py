@@ -84,8 +84,7 @@ class Upkeep:
             running=stats.num_running if stats else 0,
             waiting=stats.num_waiting if stats else 0,
             kv_blocks_used=stats.kv_blocks_used if stats else 0,
-            # before the first step: the pool's size from the engine's info, nothing used
-            kv_blocks_total=stats.kv_blocks_total if stats else info.kv_blocks if info else 0,
+            kv_blocks_total=stats.kv_blocks_total if stats else 0,
             tokens_per_s=round(self._window.close(), 3),
             acceptance_rate=None if acceptance is None else round(acceptance, 6),
             started_ms=self._started_ms)

@@ -53,7 +53,7 @@ class StreamWriter:
         acks = self._table.acks_to_send()
         if acks:
             await self._store.ack(acks)
-            self._table.acks_sent(len(acks))
+            self._table.acks_sent(acks)
 
     def _settle(self, attempt: Attempt, op: Append, reply: str) -> None:
         """Act on one write's answer from the ``append`` script."""
