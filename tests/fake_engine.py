@@ -60,7 +60,8 @@ class FakeEngine:
     # --- what tests control -----------------------------------------------------------------
 
     def pause(self) -> None:
-        """Steps make no progress until ``resume`` (requests stay running)."""
+        """Steps make no progress until ``resume`` (requests stay running; aborts are still
+        reported)."""
         self._resumed.clear()
 
     def resume(self) -> None:
@@ -68,7 +69,7 @@ class FakeEngine:
 
     # --- the engine duck type ---------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: RequestParams,
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: RequestParams,
                     forced_output_ids: Sequence[int] = ()) -> None:
         params.validate()
         num_prompt = len(prompt.split()) if isinstance(prompt, str) else len(prompt)
@@ -92,15 +93,15 @@ class FakeEngine:
         return bool(self._running or self._aborts)
 
     def step(self) -> list[RequestOutput]:
+        aborted, self._aborts = self._aborts, []
         if not self._resumed.wait(_PAUSED_STEP_S):
-            return []
+            return aborted  # paused: no progress, but an abort is still reported
         self._num_steps += 1
         outputs = [self._advance(request_id, run) for request_id, run in self._running.items()]
         for output in outputs:
             if output.finished:
                 del self._running[output.request_id]
                 self.finished.append(output.request_id)
-        aborted, self._aborts = self._aborts, []
         return aborted + outputs
 
     def stats(self) -> EngineStats:

@@ -77,7 +77,7 @@ class CountingEngine(FakeEngine):
         self._refuse = set(refuse)
         self._break_on_step = break_on_step
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: RequestParams,
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: RequestParams,
                     forced_output_ids: Sequence[int] = ()) -> None:
         if request_id in self._refuse:
             raise RuntimeError(f"cannot take {request_id}")
@@ -126,8 +126,9 @@ def engine_thread_alive(handle: EngineThread) -> bool:
 def test_a_step_that_changed_nothing_publishes_nothing_but_an_abort_that_freed_kv_does() -> None:
     """Stats-only dedup: steps that produced no output and left the stats as last published
     (idle, or a running request that made no progress) publish nothing, though the engine did
-    step; a step with no output whose stats changed (an add that took KV blocks, an abort that
-    freed them) is published, so a daemon waiting for room hears of it."""
+    step; a step with no output whose stats changed (an add that took KV blocks) is published,
+    so a daemon waiting for room hears of it; the abort's step reports the aborted request
+    with the freed KV."""
     engine = CountingEngine()
     engine.pause()  # steps make no progress: no outputs, num_steps unchanged
     published, commands, _ = run_scripted(
@@ -140,9 +141,11 @@ def test_a_step_that_changed_nothing_publishes_nothing_but_an_abort_that_freed_k
         publish_stats=True)
 
     assert commands.drains == 6  # six steps ran...
-    assert engine.step_calls == 3  # ...three of them with r1 in the engine
+    assert engine.step_calls == 4  # ...four of them with r1 (or its abort) in the engine
     assert engine.aborted == ["r1"]
-    assert all(not r.outputs and not r.rejected and r.fatal is None for r in published)
+    assert all(not r.rejected and r.fatal is None for r in published)
+    assert [[(o.request_id, o.finish_reason) for o in r.outputs] for r in published] == \
+        [[], [], [("r1", "abort")]]
     stats = [r.stats for r in published]  # ...and only the three with new stats were published
     assert [(s.num_running, s.kv_blocks_used) for s in stats if s] == [(0, 0), (1, 1), (0, 0)]
     assert None not in stats
