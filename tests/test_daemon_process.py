@@ -354,7 +354,7 @@ async def main():
     daemon = Daemon(config, None, redis_client(url))
     task = asyncio.create_task(daemon.run())
     await daemon.ready.wait()
-    print("engine", daemon._worker._process.pid, flush=True)
+    print("engine", daemon._handle._process.pid, flush=True)
     task.cancel()  # as Ctrl-C in an embedding program would
 
 if __name__ == "__main__":
