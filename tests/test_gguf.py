@@ -175,6 +175,22 @@ def test_gguf_engine_matches_hf_generate_batched(
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
+def test_a_gguf_draft_model_is_resolved_too(
+        gguf: Path, cache_dir: Path, first_resolve: ResolvedModel, chat_jobs: list[Job],
+        reference: dict[str, list[int]]) -> None:
+    """``draft=<file>.gguf`` loads the draft from the same cache (the model drafting for itself)
+    and speculative greedy output stays HF's. Adaptive K is off: a draft as costly as its target
+    would (rightly) never be asked for tokens."""
+    config = EngineConfig(model=str(gguf), draft=str(gguf), model_cache_dir=str(cache_dir),
+                          device="cpu", dtype="float32", num_kv_blocks=128,
+                          adaptive_speculation=False)
+    with one_torch_thread():
+        engine = Engine.from_config(config)
+        job = chat_jobs[0]
+        assert run_engine(engine, [job]) == {job.request_id: reference[job.request_id]}
+    assert engine.stats().num_draft_accepted > 0
+
+
 @pytest.fixture
 def gguf_daemon(gguf: Path, cache_dir: Path, first_resolve: ResolvedModel, redis_url: str,
                 key_prefix: str) -> Iterator[ThreadDaemon]:
