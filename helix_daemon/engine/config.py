@@ -12,8 +12,8 @@ CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str
-    draft: str = "none"  # none | ngram | hub id or folder of a draft model
+    model: str  # hub id, folder, or .gguf file (dequantized once into model_cache_dir)
+    draft: str = "none"  # none | ngram | hub id, folder or .gguf file of a draft model
     device: str = "auto"
     dtype: str = "auto"
     kv_cache_memory: float | None = None  # None: auto; <= 1: fraction of free memory; > 1: bytes
@@ -28,3 +28,6 @@ class EngineConfig:
     # CPU threads of torch's kernels (process-wide); None = torch's default. Fewer than the
     # cores leaves a core to the daemon's event loop and Redis.
     torch_threads: int | None = None
+    # Where .gguf models are dequantized to, one folder per file content hash; None: the default
+    # of engine/model_files.py (~/.cache/helix/models)
+    model_cache_dir: str | None = None

@@ -19,6 +19,7 @@ from helix_daemon.engine.device import kv_budget_bytes, resolve_device, resolve_
 from helix_daemon.engine.drafting import Drafter, Drafts, NgramDrafter
 from helix_daemon.engine.generators import RequestGenerators
 from helix_daemon.engine.model_drafter import ModelDrafter
+from helix_daemon.engine.model_files import resolve_model
 from helix_daemon.engine.model_runner import ModelRunner
 from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
 from kvpool.allocator import BlockAllocator
@@ -101,12 +102,15 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> Engine:
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
+        # A .gguf file becomes a cached float32 folder first; names, folders, "ngram" pass through.
+        model = resolve_model(config.model, config.model_cache_dir).path
+        draft = resolve_model(config.draft, config.model_cache_dir).path
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        target = ModelRunner(config.model, dtype, device, config.cpu_linear)
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        target = ModelRunner(model, dtype, device, config.cpu_linear)
+        tokenizer = AutoTokenizer.from_pretrained(model)
         generators = RequestGenerators(device, config.seed)
-        drafter = _make_drafter(config.draft, target, tokenizer, generators)
+        drafter = _make_drafter(draft, target, tokenizer, generators)
         return cls(config, target, tokenizer, generators, drafter)
 
     def info(self) -> EngineInfo:
