@@ -14,6 +14,7 @@ from typing import cast
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from helix_daemon.engine.chat import ChatPrompt, render_chat
 from helix_daemon.engine.config import EngineConfig
 from helix_daemon.engine.device import kv_budget_bytes, resolve_device, resolve_dtype
 from helix_daemon.engine.drafting import Drafter, Drafts, NgramDrafter
@@ -126,8 +127,8 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: RequestParams,
-                    forced_output_ids: Seq[int] = ()) -> None:
+    def add_request(self, request_id: str, prompt: str | Seq[int] | ChatPrompt,
+                    params: RequestParams, forced_output_ids: Seq[int] = ()) -> None:
         """Queue a request; raises ``InvalidRequestError`` (the engine keeps serving others)."""
         prompt_ids = self._prompt_ids(prompt)
         vocab = self.target.vocab_size
@@ -141,7 +142,9 @@ class Engine:
         self.scheduler.add(request_id, prompt_ids, params, forced_output_ids, text)
         self._generators.add(request_id, params.sampling.seed)
 
-    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
+    def _prompt_ids(self, prompt: str | Seq[int] | ChatPrompt) -> list[int]:
+        if isinstance(prompt, ChatPrompt):
+            return render_chat(self.tokenizer, prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from helix_daemon.engine.chat import ChatPrompt
 from helix_daemon.engine.outputs import EngineStats, RequestOutput
 from scheduler.params import RequestParams
 
@@ -13,7 +14,7 @@ from scheduler.params import RequestParams
 @dataclass(frozen=True, slots=True)
 class AddCommand:
     engine_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | ChatPrompt
     params: RequestParams
     forced_output_ids: Sequence[int] = ()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from helix_daemon.engine.chat import ChatPrompt
 from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
 from helix_daemon.engine_host.messages import AddCommand, Command
 from scheduler.params import RequestParams
@@ -21,8 +22,8 @@ from scheduler.params import RequestParams
 class StepEngine(Protocol):
     """A synchronous, single-threaded engine: requests in, one batch of outputs per ``step``."""
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: RequestParams,
-                    forced_output_ids: Sequence[int] = ()) -> None:
+    def add_request(self, request_id: str, prompt: str | Sequence[int] | ChatPrompt,
+                    params: RequestParams, forced_output_ids: Sequence[int] = ()) -> None:
         """Queue a request; raises ``HelixRequestError`` for one it will not take."""
         ...
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from helix_daemon.config import DaemonConfig
+from helix_daemon.engine.chat import ChatPrompt
 from helix_daemon.engine_host.messages import AddCommand, StepResult
 from helix_daemon.engine_host.protocols import EngineHandle
 from helix_daemon.server.attempts import Attempt, AttemptTable
@@ -190,5 +191,9 @@ def _deadline_ms(entry_id: str, body: p.RequestBody) -> int | None:
     return entry_ms(entry_id) + int(body.timeout_s * 1000)
 
 
-def _prompt(body: p.RequestBody) -> str | list[int]:
+def _prompt(body: p.RequestBody) -> str | list[int] | ChatPrompt:
+    """The body's one prompt form (``to_request_params`` checked there is exactly one)."""
+    if body.messages is not None:
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        return ChatPrompt(messages, dict(body.chat_template_kwargs or {}))
     return body.prompt if body.prompt is not None else list(body.prompt_token_ids or [])

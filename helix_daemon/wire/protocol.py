@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -111,11 +111,25 @@ def cancel_channel(prefix: str = DEFAULT_PREFIX) -> str:
 # --- request body ---------------------------------------------------------------------------
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """One message of OpenAI's chat shape. ``role`` and ``content`` are checked by
+    ``to_request_params`` so a wrong value answers ``invalid_request``, not ``bad_entry``."""
+
+    role: Any
+    content: Any
+
+
 class RequestBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """The JSON ``body`` of a request entry. Exactly one of ``prompt``/``prompt_token_ids``."""
+    """The JSON ``body`` of a request entry. Exactly one of ``prompt``, ``prompt_token_ids`` and
+    ``messages`` (rendered with the model's chat template, the generation prompt added)."""
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, with ``messages``
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
@@ -233,10 +247,13 @@ def lossy_fields_json(fields: EntryFields) -> str:
 
 def to_request_params(body: RequestBody) -> RequestParams:
     """Build validated engine parameters; raise InvalidRequestError (-> ``invalid_request``)."""
-    if (body.prompt is None) == (body.prompt_token_ids is None):
-        raise InvalidRequestError("exactly one of 'prompt' and 'prompt_token_ids' is required")
-    if body.prompt == "" or body.prompt_token_ids == []:
+    forms = (body.prompt, body.prompt_token_ids, body.messages)
+    if sum(form is not None for form in forms) != 1:
+        raise InvalidRequestError(
+            "exactly one of 'prompt', 'prompt_token_ids' and 'messages' is required")
+    if body.prompt == "" or body.prompt_token_ids == [] or body.messages == []:
         raise InvalidRequestError("the prompt is empty")
+    _check_chat(body)
     if body.timeout_s is not None and not body.timeout_s > 0:
         raise InvalidRequestError("timeout_s must be > 0")
     if body.result_ttl_s is not None and body.result_ttl_s < 1:
@@ -249,6 +266,17 @@ def to_request_params(body: RequestBody) -> RequestParams:
                            num_speculative_tokens=body.num_speculative_tokens)
     params.validate()
     return params
+
+
+def _check_chat(body: RequestBody) -> None:
+    if body.chat_template_kwargs is not None and body.messages is None:
+        raise InvalidRequestError("chat_template_kwargs is only valid with 'messages'")
+    for i, message in enumerate(body.messages or []):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.content, str):
+            raise InvalidRequestError(f"messages[{i}].content must be a string")
 
 
 # --- events -----------------------------------------------------------------------------------
