@@ -15,6 +15,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+# the real SmolLM2 GGUF fixtures, session-scoped and shared by test_gguf.py and test_chat.py
+from tests.smollm2 import cache_dir, first_resolve, gguf, hf_from_gguf  # noqa: F401
+
 # The server `make test` checked (or started): the Makefile exports REDIS_URL, so the tests use
 # the same one; unset (plain `pytest`), the local default.
 SHARED_REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"

