@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helix_daemon.client.core import build_request
 from helix_daemon.engine.chat import ChatPrompt
 from helix_daemon.server.admission import _prompt
 from helix_daemon.wire import protocol as p
@@ -81,3 +82,14 @@ def test_messages_round_trip_through_encode_body() -> None:
     body = p.RequestBody(messages=[p.ChatMessage("user", "Hi")],
                          chat_template_kwargs={"k": True})
     assert p.decode_request(p.encode_request_fields(body, "r1"), "1-0").body == body
+
+
+def test_client_build_request_validates_messages_like_the_daemon() -> None:
+    """``build_request(messages=...)`` gives the body the daemon decodes, and refuses what the
+    daemon would answer with invalid_request: an empty list, a bad role, a second prompt form."""
+    body = build_request(messages=HELLO, chat_template_kwargs={"k": 1}, max_tokens=4)
+    assert body.messages == [p.ChatMessage(**m) for m in HELLO] and body.max_tokens == 4
+    for bad in ({"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},
+                {"messages": HELLO, "prompt": "a"}, {"messages": [{"role": "user"}]}):
+        with pytest.raises(InvalidRequestError):
+            build_request(**bad)
