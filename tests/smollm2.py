@@ -55,3 +55,15 @@ def hf_from_gguf(gguf: Path) -> tuple[Any, Any]:
                                                  dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return model, tokenizer
+
+
+def hf_greedy(model: Any, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """HF ``generate`` alone, greedy, cut after its first EOS as Helix stops there."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+    tokens = out[0, len(prompt_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens

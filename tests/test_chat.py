@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import redis
-import torch
 
 from helix_daemon.engine.chat import ChatPrompt, render_chat
 from helix_daemon.engine.config import EngineConfig
@@ -28,6 +27,7 @@ from tests.daemon_harness import (
     wait_until,
 )
 from tests.engine_utils import greedy
+from tests.smollm2 import hf_greedy
 
 MAX_TOKENS = 24
 CONVERSATIONS = [
@@ -53,16 +53,6 @@ def engine(first_resolve: ResolvedModel) -> Engine:
                                            dtype="float32", num_kv_blocks=128))
 
 
-def _hf_greedy(model: Any, prompt_ids: list[int]) -> list[int]:
-    """HF ``generate`` alone, cut after its first EOS as Helix stops there."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS,
-                             do_sample=False, pad_token_id=model.generation_config.pad_token_id)
-    tokens = out[0, len(prompt_ids):].tolist()
-    eos = model.generation_config.eos_token_id
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-
-
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_rendered_ids_equal_the_template_with_one_bos(engine: Engine,
                                                       messages: list[dict[str, str]]) -> None:
@@ -84,7 +74,7 @@ def test_greedy_chat_output_equals_hf_generate(engine: Engine,
     template's."""
     model, tokenizer = hf_from_gguf
     with one_torch_thread():
-        expected = {f"c{i}": _hf_greedy(model, _template_ids(tokenizer, m))
+        expected = {f"c{i}": hf_greedy(model, _template_ids(tokenizer, m), MAX_TOKENS)
                     for i, m in enumerate(CONVERSATIONS)}
         for i, messages in enumerate(CONVERSATIONS):
             engine.add_request(f"c{i}", ChatPrompt(messages), greedy(MAX_TOKENS))

@@ -34,6 +34,7 @@ from tests.daemon_harness import (
     wait_until,
 )
 from tests.engine_utils import Job, run_engine
+from tests.smollm2 import hf_greedy
 
 CHATS = [
     "What is the capital of France?",
@@ -55,7 +56,7 @@ def reference(hf_from_gguf: tuple[Any, PreTrainedTokenizerBase],
               chat_jobs: list[Job]) -> dict[str, list[int]]:
     model, _ = hf_from_gguf
     with one_torch_thread():
-        return {j.request_id: _hf_greedy(model, j.prompt_ids, j.max_tokens) for j in chat_jobs}
+        return {j.request_id: hf_greedy(model, j.prompt_ids, j.max_tokens) for j in chat_jobs}
 
 
 @pytest.fixture(scope="session")
@@ -71,16 +72,6 @@ def _chat_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
                                         add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding here, 4 a plain list
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def _hf_greedy(model: Any, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """HF ``generate`` alone, cut after its first EOS as Helix stops there."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=model.generation_config.pad_token_id)
-    tokens = out[0, len(prompt_ids):].tolist()
-    eos = model.generation_config.eos_token_id
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
 def test_first_resolve_converts_into_a_plain_folder(first_resolve: ResolvedModel,
