@@ -309,13 +309,16 @@ class Daemon:
         self._table.slots_freed.set()  # KV use changed
 
     def _observe_stats(self, stats: EngineStats) -> None:
-        self._engine_stats = stats
+        previous, self._engine_stats = self._engine_stats, stats
         self.metrics.set_running(stats.num_running)
         self.metrics.set_waiting(stats.num_waiting)
         if stats.kv_blocks_total:
             self.metrics.set_kv_usage(stats.kv_blocks_used / stats.kv_blocks_total)
-        self.metrics.add_spec_tokens(*self._window.observe_drafts(stats.num_draft_proposed,
-                                                                  stats.num_draft_accepted))
+        # the engine reports running totals; Prometheus counters take what is new since
+        proposed, accepted = (previous.num_draft_proposed, previous.num_draft_accepted) \
+            if previous is not None else (0, 0)
+        self.metrics.add_spec_tokens(stats.num_draft_proposed - proposed,
+                                     stats.num_draft_accepted - accepted)
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]], timeout_s: float = 5.0) -> None:

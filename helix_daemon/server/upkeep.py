@@ -77,7 +77,9 @@ class Upkeep:
 
     async def _heartbeat(self) -> None:
         config, stats, info = self._config, self._engine_stats(), self._engine.info
-        acceptance = self._window.acceptance_rate
+        # draft tokens accepted over proposed, over the engine's life (None: none drafted)
+        acceptance = stats.num_draft_accepted / stats.num_draft_proposed \
+            if stats and stats.num_draft_proposed else None
         beat = p.Heartbeat(
             daemon_id=config.daemon_id, model=config.model,
             device=info.device if info else config.device, queue=config.queue, pid=os.getpid(),
