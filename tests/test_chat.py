@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from helix_daemon.cli.main import main
 from helix_daemon.engine.chat import ChatPrompt, render_chat
 from helix_daemon.engine.config import EngineConfig
 from helix_daemon.engine.engine import Engine
@@ -126,3 +127,67 @@ def test_messages_on_a_model_without_template_is_invalid_request(
     assert "no chat template" in chat.message
     plain = read_result(client, prefix, "plain")
     assert isinstance(plain.terminal, p.DoneEvent) and len(plain.ids) == 4
+
+
+@pytest.fixture(scope="module")
+def smollm2_daemon(first_resolve: ResolvedModel, redis_url: str) -> Iterator[str]:
+    """A daemon on the real SmolLM2 (engine in a thread); yields its key prefix."""
+    prefix = f"helixtest-chat-smollm2-{id(first_resolve):x}"
+    with one_torch_thread():
+        daemon = start_thread_daemon(first_resolve.path, redis_url, prefix, num_kv_blocks=128,
+                                     engine_process=False)
+        yield prefix
+        daemon.stop()
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}:*"):
+        client.delete(key)
+
+
+def test_messages_through_redis_stop_at_end_of_turn(smollm2_daemon: str, engine: Engine,
+                                                    redis_url: str) -> None:
+    """A raw XADD with ``messages`` on the real model: the daemon's tokens equal the in-process
+    engine's for the same ChatPrompt, the answer is real text, and generation ends on the
+    model's end-of-turn token (``<|im_end|>``) with ``finish_reason = stop``."""
+    messages = CONVERSATIONS[0]
+    with one_torch_thread():
+        engine.add_request("ref", ChatPrompt(messages), greedy(64))
+        expected: list[int] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                expected += out.new_token_ids
+    client = redis.Redis.from_url(redis_url)
+    enqueue(client, smollm2_daemon, "default",
+            {"messages": messages, "max_tokens": 64, "temperature": 0}, "eot")
+    wait_until(lambda: is_finished(client, smollm2_daemon, "eot"), 120, "the chat request")
+    result = read_result(client, smollm2_daemon, "eot")
+    assert result.ids == expected
+    assert isinstance(result.terminal, p.DoneEvent) and result.terminal.finish_reason == "stop"
+    assert engine.tokenizer.convert_ids_to_tokens(result.ids[-1]) == "<|im_end|>"
+    assert "Paris" in engine.tokenizer.decode(result.ids)
+
+
+def test_cli_submit_system_and_user(smollm2_daemon: str, engine: Engine, redis_url: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``helix submit --system S --user U --stream`` sends those two messages: the streamed text
+    is the in-process engine's greedy answer to the same conversation."""
+    messages = CONVERSATIONS[1]
+    with one_torch_thread():
+        engine.add_request("cli-ref", ChatPrompt(messages), greedy(MAX_TOKENS))
+        expected: list[int] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                expected += out.new_token_ids
+        code = main(["submit", "--redis-url", redis_url, "--prefix", smollm2_daemon,
+                     "--system", messages[0]["content"], "--user", messages[1]["content"],
+                     "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--stream"])
+    assert code == 0
+    _, text = capsys.readouterr().out.split("\n", 1)
+    assert text == engine.tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+
+
+def test_cli_submit_refuses_a_system_message_alone(redis_url: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``--system`` without ``--user`` is a usage error (exit 2), nothing is enqueued."""
+    code = main(["submit", "--redis-url", redis_url, "--prefix", "helixtest-chat-none",
+                 "--system", "Be brief."])
+    assert code == 2 and "--system needs --user" in capsys.readouterr().err

@@ -30,7 +30,20 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
             params[name] = value
     if args.prompt_ids:
         params["prompt_token_ids"] = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    messages = chat_messages(args.system, args.user)
+    if messages:
+        params["messages"] = messages
     return params
+
+
+def chat_messages(system: str | None, user: str | None) -> list[dict[str, str]]:
+    """The ``messages`` of ``--system``/``--user`` (none when neither is given)."""
+    if system is not None and user is None:
+        raise ValueError("--system needs --user (the message the model answers)")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    if user is not None:
+        messages.append({"role": "user", "content": user})
+    return messages
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -110,8 +110,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-ids)")
+    p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-ids, or --user)")
     p.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    p.add_argument("--system", help="chat: a system message (with --user)")
+    p.add_argument("--user", help="chat: the user message, rendered with the model's chat "
+                                  "template (a request with `messages`)")
     p.add_argument("--id", dest="request_id", default=None, help="request id (idempotency key)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)

@@ -148,7 +148,9 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
-            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            # as vLLM's completions and HF's own tokenizer call: the special tokens the tokenizer
+            # adds by itself (a BOS for Llama-style tokenizers, nothing for GPT-2-style ones)
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
         return [int(t) for t in prompt]
 
     def abort(self, request_id: str) -> bool:
