@@ -5,6 +5,7 @@ converted once per session into a temp cache, shared by every test file that nee
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,20 @@ def hf_from_gguf(gguf: Path) -> tuple[Any, Any]:
 
 
 def hf_greedy(model: Any, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """HF ``generate`` alone, greedy, cut after its first EOS as Helix stops there."""
+    """HF ``generate`` alone (on the model's device), greedy, cut after its first EOS as Helix
+    stops there."""
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
+        out = model.generate(torch.tensor([prompt_ids], device=model.device),
+                             max_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=model.generation_config.pad_token_id)
     tokens = out[0, len(prompt_ids):].tolist()
     eos = model.generation_config.eos_token_id
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def device_under_test() -> str:
+    """Where the real-model exactness tests run: ``HELIX_TEST_DEVICE`` (cuda, cuda:N, mps), else
+    the CPU. The tolerance policy is the same everywhere: greedy tokens identical in float32."""
+    return os.environ.get("HELIX_TEST_DEVICE", "cpu")

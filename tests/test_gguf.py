@@ -108,23 +108,6 @@ def test_second_resolve_is_a_cache_hit_with_the_same_weights(
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_gguf_engine_matches_hf_generate_one_at_a_time(
-        engine: Engine, chat_jobs: list[Job], reference: dict[str, list[int]]) -> None:
-    """Each chat prompt alone: Helix's greedy tokens equal HF ``generate`` on HF's own load of
-    the .gguf, token for token (float32)."""
-    with one_torch_thread():
-        for job in chat_jobs:
-            assert run_engine(engine, [job]) == {job.request_id: reference[job.request_id]}
-
-
-def test_gguf_engine_matches_hf_generate_batched(
-        engine: Engine, chat_jobs: list[Job], reference: dict[str, list[int]]) -> None:
-    """All chat prompts in one continuous batch give the same tokens as HF one at a time."""
-    with one_torch_thread():
-        assert run_engine(engine, chat_jobs) == reference
-    assert engine.allocator.num_free == engine.allocator.num_blocks
-
-
 def test_a_gguf_draft_model_is_resolved_too(
         gguf: Path, cache_dir: Path, first_resolve: ResolvedModel, chat_jobs: list[Job],
         reference: dict[str, list[int]]) -> None:
