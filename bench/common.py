@@ -30,15 +30,34 @@ class ModelSpec:
     intermediate_size: int
     vocab_size: int
     max_positions: int = 2048  # the model context a contiguous cache reserves per request
+    num_kv_heads: int | None = None  # grouped-query attention; None: as many as query heads
 
     def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
-        """K and V of every layer for one position (no GQA: kv heads == heads)."""
-        return 2 * self.num_layers * self.hidden_size * dtype_bytes
+        """K and V of every layer for one position."""
+        head_dim = self.hidden_size // self.num_heads
+        kv_heads = self.num_kv_heads or self.num_heads
+        return 2 * self.num_layers * kv_heads * head_dim * dtype_bytes
 
 
 # ~134M parameters: the issue's benchmark model
 FULL_MODEL = ModelSpec("llama-134m", 768, 12, 12, 2048, 32000)
 QUICK_MODEL = ModelSpec("llama-tiny", 128, 2, 4, 512, 512)
+
+
+def real_model(model: str, cache_dir: Path) -> tuple[Path, ModelSpec]:
+    """A real model's folder (a ``.gguf`` is dequantized once, as the daemon does) and its
+    spec; the contiguous reservation is capped at 2,048 tokens, as for the random model (a
+    server reserving the full 8k context would only make paging look better)."""
+    from transformers import AutoConfig
+
+    from helix_daemon.engine.model_files import resolve_model
+
+    path = Path(resolve_model(model, cache_dir / "models").path)
+    c = AutoConfig.from_pretrained(path)
+    spec = ModelSpec(Path(model).stem, c.hidden_size, c.num_hidden_layers,
+                     c.num_attention_heads, c.intermediate_size, c.vocab_size,
+                     min(2048, c.max_position_embeddings), c.num_key_value_heads)
+    return path, spec
 
 
 def llama_config(spec: ModelSpec) -> LlamaConfig:

@@ -6,7 +6,10 @@ real pair does: the target is the draft plus extra layers whose residual contrib
 down (``helix_daemon.testing.tiny_models.build_draft_target_pair``). Every method runs greedy,
 float32, on the same prompts; α (acceptance), K, c (draft pass / target step) and the theoretical
 speedup (1 - α^(K+1)) / ((1 - α)(1 + K c)) are reported beside the measured one.
-Run ``python bench/speculative.py [--quick]``; results go to ``bench/results/``.
+With ``--model`` (a folder or ``.gguf``) the target is that real model instead, with the n-gram
+drafter (and ``--draft`` for a draft model), on a copy-heavy chat task: proofreading paragraphs,
+where most of the answer is in the prompt; requests stop at the model's end of turn.
+Run ``python bench/speculative.py [--quick | --model FILE]``; results go to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from bench.chat_workload import copy_prompts
+from bench.common import real_model
 from helix_daemon.engine.config import CPU_LINEAR_CHOICES, EngineConfig
 from helix_daemon.engine.drafting import Drafts
 from helix_daemon.engine.engine import Engine
@@ -78,9 +83,11 @@ def build_pair(spec: PairSpec) -> tuple[Path, Path]:
 class Workload:
     prompts: list[list[int]]
     max_tokens: int
+    eos_token_id: int | list[int] | None = None  # None: every request runs max_tokens
 
 
 def make_workload(num: int, vocab: int, max_tokens: int, seed: int = 0) -> Workload:
+    """Random prompts of 32-96 ids (for the built pair)."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(32, 96))] for _ in range(num)]
     return Workload(prompts, max_tokens)
@@ -133,9 +140,10 @@ class Run:
 # -- Helix ------------------------------------------------------------------------------------
 
 
-def greedy(max_tokens: int) -> RequestParams:
-    return RequestParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0),
-                         ignore_eos=True)
+def greedy(work: Workload, max_tokens: int | None = None) -> RequestParams:
+    return RequestParams(max_tokens=max_tokens or work.max_tokens,
+                         sampling=SamplingParams(temperature=0.0),
+                         ignore_eos=work.eos_token_id is None)
 
 
 def make_engine(target: Path, draft: str, num_k: int, cpu_linear: str = "auto") -> Engine:
@@ -160,7 +168,7 @@ def run_helix(engine: Engine, method: str, work: Workload, batch: int) -> Run:
         outputs = {f"b{first + i}": [] for i in range(len(group))}
         seen = {rid: (0, 0) for rid in outputs}
         for rid, prompt in zip(outputs, group):
-            engine.add_request(rid, prompt, greedy(work.max_tokens))
+            engine.add_request(rid, prompt, greedy(work))
         while engine.has_unfinished():
             step_start = time.perf_counter()
             step_outputs = engine.step()
@@ -237,7 +245,7 @@ def _count_drafts(run: Run, out: Any, seen: dict[str, tuple[int, int]]) -> None:
 def _warm_up(engine: Engine, work: Workload, batch: int) -> None:
     """A few steps at the run's batch size, so no method pays for first-seen shapes."""
     for i, prompt in enumerate(work.prompts[:batch]):
-        engine.add_request(f"warm{i}", prompt, greedy(8))
+        engine.add_request(f"warm{i}", prompt, greedy(work, 8))
     while engine.has_unfinished():
         engine.step()
 
@@ -255,14 +263,21 @@ def run_hf(method: str, work: Workload, **generate_kw: Any) -> Run:
     """``generate`` one prompt at a time (assisted generation supports batch 1 only)."""
     model = generate_kw.pop("model")
     args = {"max_new_tokens": work.max_tokens, "do_sample": False, "pad_token_id": 0,
-            "eos_token_id": None, **generate_kw}
+            "eos_token_id": work.eos_token_id, **generate_kw}
     model.generate(torch.tensor([work.prompts[0]]), **(args | {"max_new_tokens": 8}))  # warm-up
     outputs = []
     start = time.perf_counter()
     for prompt in work.prompts:
         ids = model.generate(torch.tensor([prompt]), **args)
-        outputs.append(ids[0, len(prompt):].tolist())
+        outputs.append(_cut_at_eos(ids[0, len(prompt):].tolist(), work.eos_token_id))
     return Run(method, 1, time.perf_counter() - start, outputs)
+
+
+def _cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
+    """Up to and including the first EOS, as Helix stops (generate pads finished rows)."""
+    stops = {eos} if isinstance(eos, int) else set(eos or ())
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokens[:end]
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -357,6 +372,12 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
     if spec_big:
         targets[f"batch {largest}: >= 0.97x Helix without speculation"] = \
             spec_big["speedup_vs_helix_plain"] >= 0.97
+    ngram1, ngram_big = find("helix+ngram", 1), find("helix+ngram", largest)
+    if spec1 is None and ngram1 and ngram_big:  # a real model's copy-heavy task
+        targets["batch 1: n-gram >= 1.6x Helix plain"] = \
+            ngram1["speedup_vs_helix_plain"] >= 1.6
+        targets[f"batch {largest}: n-gram >= 0.97x Helix plain"] = \
+            ngram_big["speedup_vs_helix_plain"] >= 0.97
     targets["greedy identical everywhere"] = all(r["identical"] == r["compared"] for r in rows)
     return targets
 
@@ -364,6 +385,9 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, bool]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny pair, batches 1 and 4")
+    parser.add_argument("--model", help="a real target (folder or .gguf): n-gram drafter on a "
+                                        "copy-heavy chat task, batches 1 and 32")
+    parser.add_argument("--draft", help="with --model: a draft model too (folder or .gguf)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--num-speculative", type=int, default=4, help="most K per step")
@@ -375,31 +399,80 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "(helix_daemon/engine/cpu_linear.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    spec = QUICK_PAIR if args.quick else FULL_PAIR
-    batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,4,16,64"))
-               .split(",")]
-    max_tokens = args.max_tokens or (32 if args.quick else 96)
-    draft, target = build_pair(spec)
+    setup = real_setup(args) if args.model else pair_setup(args)
+    rows = run_batches(args, setup)
+    print()
+    print_table(rows)
+    targets = check_targets(rows)
+    print("targets:", ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets.items()))
+    RESULTS.mkdir(exist_ok=True)
+    name = "speculative-quick" if args.quick else "speculative"
+    out = RESULTS / (f"{name}-{setup.name}.json" if args.model else f"{name}.json")
+    out.write_text(json.dumps({
+        "models": setup.name, "pair": asdict(setup.pair) if setup.pair else None,
+        "max_tokens": setup.max_tokens, "num_speculative_tokens": args.num_speculative,
+        "rows": rows, "targets": targets, "torch": torch.__version__,
+        "transformers": transformers.__version__, "machine": platform.machine(),
+        "threads": args.threads, "rounds": args.rounds, "loadavg": os.getloadavg(),
+    }, indent=2))
+    print(f"wrote {out}")
 
-    rows: list[dict[str, Any]] = []
+
+@dataclass
+class Setup:
+    """What one run compares: the target, its draft (None: n-gram only) and the prompts."""
+
+    name: str
+    target: Path
+    draft: Path | None
+    batches: list[int]
+    max_tokens: int
+    prompts: Callable[[int], list[list[int]]]  # prompts for a batch size
+    eos_token_id: int | list[int] | None
+    pair: PairSpec | None = None
+
+
+def pair_setup(args: argparse.Namespace) -> Setup:
+    spec = QUICK_PAIR if args.quick else FULL_PAIR
+    draft, target = build_pair(spec)
+    return Setup(spec.name, target, draft, _batches(args, "1,4" if args.quick else "1,4,16,64"),
+                 args.max_tokens or (32 if args.quick else 96),
+                 lambda batch: make_workload(max(batch, 4), spec.vocab_size, 0).prompts,
+                 None, spec)
+
+
+def real_setup(args: argparse.Namespace) -> Setup:
+    target, _ = real_model(args.model, CACHE)
+    draft = real_model(args.draft, CACHE)[0] if args.draft else None
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    eos = GenerationConfig.from_pretrained(target).eos_token_id
+    return Setup(Path(args.model).stem, target, draft,
+                 _batches(args, "1,4" if args.quick else "1,32"), args.max_tokens or 128,
+                 lambda batch: copy_prompts(tokenizer, max(batch, 4)), eos)
+
+
+def _batches(args: argparse.Namespace, default: str) -> list[int]:
+    return [int(b) for b in (args.batches or default).split(",")]
+
+
+def run_batches(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
     k, form = args.num_speculative, args.cpu_linear
-    engines = {"helix": make_engine(target, "none", 0, form),
-               "helix+draft": make_engine(target, str(draft), k, form),
-               "helix+ngram": make_engine(target, "ngram", k, form)}
-    if form != "blas":
+    engines = {"helix": make_engine(setup.target, "none", 0, form)}
+    if setup.draft is not None:
+        engines["helix+draft"] = make_engine(setup.target, str(setup.draft), k, form)
+    engines["helix+ngram"] = make_engine(setup.target, "ngram", k, form)
+    if form != "blas" and setup.pair is not None:
         # Helix's plain decoding with F.linear, as HF runs it: how much of Helix's lead over HF
         # comes from its linear layers rather than from scheduling or speculation
-        engines["helix(F.linear)"] = make_engine(target, "none", 0, "blas")
-    hf_target, hf_draft = load_hf(target), load_hf(draft)
-    for batch in batches:
-        work = make_workload(max(batch, 4), spec.vocab_size, max_tokens)
-        print(f"batch {batch}: {len(work.prompts)} prompts x {max_tokens} tokens", flush=True)
-        hf_runs = []
-        if batch == 1:
-            hf_runs = [run_hf("hf_generate", work, model=hf_target),
-                       run_hf("hf_assisted", work, model=hf_target, assistant_model=hf_draft),
-                       run_hf("hf_prompt_lookup", work, model=hf_target,
-                              prompt_lookup_num_tokens=args.num_speculative)]
+        engines["helix(F.linear)"] = make_engine(setup.target, "none", 0, "blas")
+    hf_target = load_hf(setup.target)
+    hf_draft = load_hf(setup.draft) if setup.draft is not None else None
+    rows: list[dict[str, Any]] = []
+    for batch in setup.batches:
+        work = Workload(setup.prompts(batch), setup.max_tokens, setup.eos_token_id)
+        print(f"batch {batch}: {len(work.prompts)} prompts x {work.max_tokens} tokens",
+              flush=True)
+        hf_runs = _hf_batch_1(args, work, hf_target, hf_draft) if batch == 1 else []
         reference = hf_runs[0].outputs if hf_runs else _reference(hf_target, work)
         helix_runs = run_helix_rounds(engines, work, batch, args.rounds)
         plain = helix_runs[0]
@@ -410,21 +483,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             rounds = " / ".join(f"{x:.1f}" for x in r.round_tokens_per_s)
             print(f"  {r.method}: {r.tokens_per_s:.1f} tok/s" +
                   (f" (rounds: {rounds})" if len(r.round_tokens_per_s) > 1 else ""), flush=True)
+    return rows
 
-    print()
-    print_table(rows)
-    targets = check_targets(rows)
-    print("targets:", ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets.items()))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("speculative-quick.json" if args.quick else "speculative.json")
-    out.write_text(json.dumps({
-        "pair": asdict(spec),
-        "max_tokens": max_tokens, "num_speculative_tokens": args.num_speculative,
-        "rows": rows, "targets": targets, "torch": torch.__version__,
-        "transformers": transformers.__version__, "machine": platform.machine(),
-        "threads": args.threads, "rounds": args.rounds, "loadavg": os.getloadavg(),
-    }, indent=2))
-    print(f"wrote {out}")
+
+def _hf_batch_1(args: argparse.Namespace, work: Workload, target: torch.nn.Module,
+                draft: torch.nn.Module | None) -> list[Run]:
+    runs = [run_hf("hf_generate", work, model=target)]
+    if draft is not None:
+        runs.append(run_hf("hf_assisted", work, model=target, assistant_model=draft))
+    runs.append(run_hf("hf_prompt_lookup", work, model=target,
+                       prompt_lookup_num_tokens=args.num_speculative))
+    return runs
 
 
 def _reference(model: torch.nn.Module, work: Workload) -> list[list[int]]:

@@ -1,9 +1,10 @@
 """Throughput and latency of Helix's continuous-batching engine against Hugging Face baselines.
 
 Every method serves the same seeded workload (mixed prompt lengths and budgets, Poisson arrivals)
-with the same random-weight model on the same machine, greedy, float32 on CPU. A request never
-starts before its arrival time. Run ``python bench/throughput.py [--quick]``; see bench/README.md
-for how each column is defined.
+with the same model on the same machine, greedy, float32 on CPU: a random-weight Llama with random
+prompts, or with ``--model`` a real one (folder or ``.gguf``) with chat prompts rendered by its
+template. A request never starts before its arrival time. Run ``python bench/throughput.py
+[--quick | --model FILE]``; see bench/README.md for how each column is defined.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import transformers
 from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
+from bench.chat_workload import chat_workload
 from bench.common import (
     BLOCK_SIZE,
     FULL_MODEL,
@@ -45,6 +47,7 @@ from bench.common import (
     latency_summary,
     load_hf_model,
     make_workload,
+    real_model,
     wait_until,
 )
 
@@ -374,7 +377,7 @@ def run_method(name: str, args: argparse.Namespace, path: Path,
 def _run_method(name: str, args: argparse.Namespace, path: Path,
                 requests: Sequence[BenchRequest], budget_tokens: int) -> MethodResult:
     if name == "helix":
-        budget_bytes = budget_tokens * args.model.kv_bytes_per_token()
+        budget_bytes = budget_tokens * args.model_spec.kv_bytes_per_token()
         engine = make_helix(path, budget_bytes, args.max_seqs, args.max_batched_tokens)
         return run_helix(engine, requests)
     model = load_hf_model(path)
@@ -452,9 +455,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 short requests")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--workload", choices=("mixed", "reference"), default="mixed",
+    parser.add_argument("--model", help="a real model (folder or .gguf) instead of the random "
+                        "one; the workload is then chat")
+    parser.add_argument("--workload", choices=("mixed", "reference", "chat"), default=None,
                         help="mixed (default): 48 requests, prompts 16-512, 16-256 new tokens; "
-                             "reference: 16 x 128 new tokens, prompts 24-40, all at once")
+                             "reference: 16 x 128 new tokens, prompts 24-40, all at once; "
+                             "chat (default with --model): 48 chat prompts of the model's "
+                             "template, 16-256 new tokens")
     parser.add_argument("--num-requests", type=int, help="override the workload size")
     parser.add_argument("--rate", type=float, help="override the arrival rate (requests/s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -469,7 +476,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="JSON path (default bench/results/"
                         "throughput.json, or throughput-quick.json with --quick)")
     args = parser.parse_args(argv)
-    args.model = QUICK_MODEL if args.quick else FULL_MODEL
+    args.workload = args.workload or ("chat" if args.model else "mixed")
+    if args.workload == "chat" and not args.model:
+        parser.error("--workload chat needs a real model: --model FOLDER_OR_GGUF")
+    args.model_spec = QUICK_MODEL if args.quick else FULL_MODEL  # replaced by --model's own
     # a quick smoke run must not overwrite the figures of a full run
     name = "quick" if args.quick else None if args.workload == "mixed" else args.workload
     args.output = args.output or RESULTS / (f"throughput-{name}.json" if name
@@ -487,9 +497,8 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Run the methods in turn; rewrite the JSON after each, so a cut-off run keeps its data."""
     spec = workload_spec(args)
-    model_spec: ModelSpec = args.model
-    path = build_model(model_spec, args.cache_dir, seed=args.seed)
-    requests = make_workload(spec, model_spec.vocab_size)
+    path, requests = model_and_requests(args, spec)
+    model_spec: ModelSpec = args.model_spec
     concurrency = concurrency_report(requests, model_spec, args.reservations)
     names = [m for m in RUN_ORDER if m in args.methods.split(",")]
     results: dict[str, MethodResult] = {}
@@ -504,13 +513,28 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def model_and_requests(args: argparse.Namespace, spec: WorkloadSpec
+                       ) -> tuple[Path, list[BenchRequest]]:
+    """The model's folder and the workload: random ids for the random model, chat prompts for a
+    real one (``args.model_spec`` becomes the real model's)."""
+    if not args.model:
+        path = build_model(args.model_spec, args.cache_dir, seed=args.seed)
+        return path, make_workload(spec, args.model_spec.vocab_size)
+    path, args.model_spec = real_model(args.model, args.cache_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if args.workload == "chat":
+        return path, chat_workload(spec, tokenizer)
+    return path, make_workload(spec, args.model_spec.vocab_size)
+
+
 def build_report(args: argparse.Namespace, spec: WorkloadSpec, requests: Sequence[BenchRequest],
                  results: dict[str, MethodResult], concurrency: dict[str, float]) -> dict[str, Any]:
     reference = ({rid: t.tokens for rid, t in results["hf_sequential"].traces.items()}
                  if "hf_sequential" in results else None)
     summaries = {name: results[name].summary(reference) for name in METHODS if name in results}
     ratio = ratios(summaries)
-    return {"model": asdict(args.model), "workload": asdict(spec) | workload_stats(requests),
+    return {"model": asdict(args.model_spec) | {"source": args.model or "random"},
+            "workload": {"kind": args.workload} | asdict(spec) | workload_stats(requests),
             "settings": settings(args), "methods": summaries, "ratios_helix_over": ratio,
             "concurrency": concurrency, "targets": target_checks(summaries, ratio, concurrency)}
 
