@@ -4,6 +4,7 @@ without a template answers ``invalid_request`` while the daemon keeps serving.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,26 @@ def test_demo_streams_real_answers(cache_dir: Path, first_resolve: ResolvedModel
     assert code == 0, out
     assert "SmolLM2-135M-Instruct" in out and "Paris" in out
     assert "4 (4 done, 0 failed)" in out and "acceptance rate" in out
+
+
+def test_cli_batch_lines_with_messages(smollm2_daemon: str, engine: Engine, redis_url: str,
+                                       tmp_path: Path) -> None:
+    """`helix batch` lines carrying ``messages`` are answered like any request: each result's
+    text is the in-process engine's greedy answer to that conversation."""
+    lines = [{"id": f"b{i}", "messages": m, "max_tokens": 12, "temperature": 0}
+             for i, m in enumerate(CONVERSATIONS)]
+    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with one_torch_thread():
+        expected = {}
+        for i, messages in enumerate(CONVERSATIONS):
+            engine.add_request(f"b{i}", ChatPrompt(messages), greedy(12))
+            expected[f"b{i}"] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                expected[out.request_id] += out.new_token_ids
+        code = main(["batch", "--redis-url", redis_url, "--prefix", smollm2_daemon,
+                     str(source), str(results), "--no-progress"])
+    assert code == 0
+    got = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert {rid: got[rid]["token_ids"] for rid in expected} == expected
