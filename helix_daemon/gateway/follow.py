@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from helix_daemon.client import AsyncHelixClient
 from helix_daemon.gateway.translate import Choice
@@ -31,7 +31,7 @@ class Submitted:
         ids = await asyncio.gather(*(client.submit(queue=queue, **c.body) for c in choices))
         return cls(client, choices, ids)
 
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
+    async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Every choice's events as they arrive, each choice's in order, to the last terminal."""
         if len(self.choices) == 1:  # the common case needs no tasks
             async for event in self.client.stream(self.request_ids[0]):

@@ -9,7 +9,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from helix_daemon.gateway.errors import APIError
 from helix_daemon.gateway.metrics import GatewayMetrics
 
-
 # Paths counted by name; any other (a model id, a typo) is "other", so labels stay few.
 _COUNTED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 

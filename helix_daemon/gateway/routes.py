@@ -50,8 +50,8 @@ class ModelRoutes:
         return self._live
 
     async def _read(self) -> LiveModels:
-        ids = [m.decode() if isinstance(m, bytes) else m
-               for m in await self._client.zrange(daemons_key(self._prefix), 0, -1)]
+        members = await self._client.zrange(daemons_key(self._prefix), 0, -1)
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
         raws = await self._client.mget([daemon_key(i, self._prefix) for i in ids]) if ids else []
         beats = sorted((b for b in map(parse_heartbeat, raws) if b is not None),
                        key=lambda b: b.daemon_id)

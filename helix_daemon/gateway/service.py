@@ -13,7 +13,7 @@ from starlette.responses import Response
 from helix_daemon.client import AsyncHelixClient, build_request
 from helix_daemon.gateway.config import GatewayConfig
 from helix_daemon.gateway.errors import APIError, from_event, invalid
-from helix_daemon.gateway.follow import ChoiceEvent, Submitted
+from helix_daemon.gateway.follow import Submitted
 from helix_daemon.gateway.metrics import GatewayMetrics
 from helix_daemon.gateway.routes import ModelRoutes
 from helix_daemon.gateway.schemas import Request, check_supported
@@ -42,7 +42,7 @@ class Gateway:
         queue = await self.routes.resolve(req.model)
         await self._check_depth(queue)
         submitted = await Submitted.submit(self.client, queue, choices)
-        shape = Shape(req)
+        shape = Shape(req, submitted.request_ids[0])
         if req.stream:
             return await self._stream(shape, submitted, http, started_s)
         return await self._whole(shape, submitted, http)
@@ -66,7 +66,7 @@ class Gateway:
                       started_s: float) -> Response:
         events = submitted.events()
         try:  # the first event decides the status: an error before any token is an HTTP error
-            first: ChoiceEvent = await unless_disconnected(http.receive, anext(events))
+            first = await unless_disconnected(http.receive, events.__anext__())
         except ClientGone:
             await self._gone(submitted)
             return Response(status_code=CLIENT_CLOSED)

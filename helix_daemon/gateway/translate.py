@@ -8,7 +8,6 @@ samples differ, as OpenAI's do, and stay reproducible.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,7 @@ def to_choices(req: Request, default_max_tokens: int, max_choices: int) -> list[
     if req.n < 1 or len(prompts) * req.n > max_choices:
         raise invalid(f"n times the number of prompts must be between 1 and {max_choices}", "n")
     common = _params(req, default_max_tokens)
-    choices = []
+    choices: list[Choice] = []
     for prompt_index, prompt in enumerate(prompts):
         for j in range(req.n):
             body = {**prompt, **common}
@@ -105,10 +104,10 @@ def _message(i: int, message: ChatMessageIn) -> dict[str, str]:
 class Shape:
     """The JSON objects of one response: chunks of a stream, or the whole completion."""
 
-    def __init__(self, req: Request) -> None:
+    def __init__(self, req: Request, request_id: str) -> None:
         self.is_chat = isinstance(req, ChatCompletionRequest)
-        kind = "chatcmpl" if self.is_chat else "cmpl"
-        self.id = f"{kind}-{uuid.uuid4().hex}"
+        # The Helix request id of the first choice: a response can be traced to its entries.
+        self.id = f"{'chatcmpl' if self.is_chat else 'cmpl'}-{request_id}"
         self.model = req.model
         self.created = int(time.time())
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
