@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
+import redis
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from helix_daemon.gateway.errors import from_event
+from helix_daemon.gateway.errors import APIError, from_event
 from helix_daemon.gateway.follow import ChoiceEvent
 from helix_daemon.gateway.metrics import GatewayMetrics
 from helix_daemon.gateway.translate import Shape, UsageTotal
@@ -64,7 +65,19 @@ async def _disconnected(receive: Receive) -> None:
 
 async def sse_body(shape: Shape, first: ChoiceEvent, rest: AsyncIterator[ChoiceEvent],
                    metrics: GatewayMetrics, started_s: float) -> AsyncIterator[bytes]:
-    """The SSE bytes of a stream whose first event is already known (not an error)."""
+    """The SSE bytes of a stream whose first event is already known (not an error); a Redis
+    outage mid-stream ends it with an error chunk (its entries live on in the queue)."""
+    try:
+        async for data in _sse_events(shape, first, rest, metrics, started_s):
+            yield data
+    except redis.RedisError as e:
+        error = APIError(503, f"Redis is unavailable: {e}", "service_unavailable",
+                         code="redis_unavailable")
+        yield sse(error.body()) + DONE
+
+
+async def _sse_events(shape: Shape, first: ChoiceEvent, rest: AsyncIterator[ChoiceEvent],
+                      metrics: GatewayMetrics, started_s: float) -> AsyncIterator[bytes]:
     usage = UsageTotal()
     opened: set[int] = set()
     first_token_seen = False
