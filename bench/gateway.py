@@ -151,15 +151,31 @@ def _openai_params(body: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+GATEWAY_PID: int | None = None  # set by main(): the gateway's CPU is reported per run
+
+
+def _cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 async def _drive(jobs: list[Job], traces: list[Trace], one: Any, tokens: list[int]
                  ) -> dict[str, float]:
-    t0 = time.perf_counter()
+    t0, cpu0, gw0 = time.perf_counter(), time.process_time(), _cpu_s(GATEWAY_PID)
     tasks = []
     for job, trace in zip(jobs, traces):
         await _sleep_until(t0, job.arrival_s)
         tasks.append(asyncio.create_task(one(trace, job.body)))
     await asyncio.gather(*tasks)
-    return summarize(traces, t0, tokens[0])
+    summary = summarize(traces, t0, tokens[0])
+    # CPU of this process (the client) and of the gateway process during the run
+    summary["client_cpu_s"] = round(time.process_time() - cpu0, 3)
+    summary["gateway_cpu_s"] = round(_cpu_s(GATEWAY_PID) - gw0, 3)
+    return summary
 
 
 async def open_streams(client: openai.AsyncOpenAI, num_streams: int, vocab: int
@@ -238,12 +254,14 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-HEADER = f"{'rate':>6} {'path':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9}"
+HEADER = (f"{'rate':>6} {'path':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'client CPU':>10} {'gateway CPU':>11}")
 
 
 def format_row(row: dict[str, Any]) -> str:
     lines = [f"{row['rate']!s:>6} {path:>8} {row[path]['throughput_tok_s']:>9.1f} "
-             f"{row[path]['ttft_p50_ms']:>9.2f} {row[path]['ttft_p99_ms']:>9.2f}"
+             f"{row[path]['ttft_p50_ms']:>9.2f} {row[path]['ttft_p99_ms']:>9.2f} "
+             f"{row[path]['client_cpu_s']:>9.2f}s {row[path]['gateway_cpu_s']:>10.2f}s"
              for path in ("redis", "gateway")]
     lines.append(f"{'':>6} {'added':>8} x{row['throughput_ratio']:<8.3f} "
                  f"{row['ttft_p50_added_ms']:>+9.2f}")
@@ -288,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon = start_daemon(model, args.redis_url, prefix, work / "daemon.log",
                               args.max_num_seqs)
         gateway = start_gateway(args.redis_url, prefix, port, work / "gateway.log")
+        global GATEWAY_PID
+        GATEWAY_PID = gateway.pid
         try:
             wait_ready(args.redis_url, prefix, f"http://127.0.0.1:{port}")
             print(f"{args.num_requests} requests per run, median of {args.repeats}; daemon "

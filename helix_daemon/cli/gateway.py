@@ -47,6 +47,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if not config.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print("helix gateway: no API key set and listening beyond loopback: anyone who can "
               "reach the port can use it", file=sys.stderr, flush=True)
-    print(f"helix gateway: http://{args.host}:{args.port}/v1 (Redis {config.redis_url.split('@')[-1]}"
-          f", prefix {config.prefix})", file=sys.stderr, flush=True)
+    where = config.redis_url.rsplit("@", 1)[-1]  # never print a password
+    print(f"helix gateway: http://{args.host}:{args.port}/v1 (Redis {where}, prefix "
+          f"{config.prefix})", file=sys.stderr, flush=True)
     return serve(config, args.host, args.port, log_level=args.log_level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import importlib.metadata
 from collections.abc import AsyncIterator
@@ -16,6 +17,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from helix_daemon.client import AsyncHelixClient
+from helix_daemon.gateway.batch.api import batch_routes
+from helix_daemon.gateway.batch.files import FileStore
+from helix_daemon.gateway.batch.store import BatchStore
+from helix_daemon.gateway.batch.worker import BatchWorker
+from helix_daemon.gateway.batch.worker import stop as stop_worker
 from helix_daemon.gateway.config import GatewayConfig
 from helix_daemon.gateway.errors import APIError
 from helix_daemon.gateway.metrics import CONTENT_TYPE
@@ -31,11 +37,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
     client = AsyncHelixClient.from_url(config.redis_url, prefix=config.prefix,
                                        max_connections=config.redis_max_connections)
     gateway = Gateway(config, client)
+    files, batches = FileStore(client.redis, config.prefix), BatchStore(client.redis, config.prefix)
+    worker = BatchWorker(client, gateway.routes, files, batches, config.default_max_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await client.aclose()
+        task = asyncio.create_task(worker.run()) if config.batch_worker else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                await stop_worker(task)
+            await client.aclose()
 
     app = FastAPI(title="Helix gateway", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible HTTP API over Helix's Redis queue.")
@@ -43,9 +56,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(redis.RedisError, _redis_error)  # type: ignore[arg-type]
-    app.include_router(_v1(gateway, config.api_keys))
+    v1 = _v1(gateway, config.api_keys)
+    v1.include_router(batch_routes(files, batches, config.max_file_bytes, _json))
+    app.include_router(v1)
     _add_ops(app, gateway)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes,
+                       max_file_bytes=config.max_file_bytes)
     app.add_middleware(CountRequests, metrics=gateway.metrics)
     return app
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from helix_daemon.client.core import DEFAULT_URL
+from helix_daemon.gateway.batch.files import MAX_FILE_BYTES
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, MAX_BODY_BYTES, check_request_id
 
 
@@ -29,6 +30,10 @@ class GatewayConfig:
     max_n: int = 16  # most choices (queue entries) one request may ask for
     route_ttl_s: float = 1.0  # how long the model -> queue table read from heartbeats is reused
     redis_max_connections: int = 4096  # a stream waiting for its first token holds one
+    # Batch API: the largest uploaded file (files live in Redis, whole values in memory) and
+    # whether this replica works on batches (any replica may; one at a time per batch).
+    max_file_bytes: int = MAX_FILE_BYTES
+    batch_worker: bool = True
 
     def __post_init__(self) -> None:
         for queue in self.routes.values():
@@ -45,7 +50,7 @@ class GatewayConfig:
         ``HELIX_REDIS_URL``, ``HELIX_KEY_PREFIX``, ``HELIX_API_KEYS`` (comma-separated),
         ``HELIX_GATEWAY_MAX_BODY_BYTES``, ``HELIX_GATEWAY_MAX_QUEUE_DEPTH``,
         ``HELIX_GATEWAY_ROUTES`` (``name=queue,...``), ``HELIX_GATEWAY_DEFAULT_MAX_TOKENS``,
-        ``HELIX_GATEWAY_MAX_N``.
+        ``HELIX_GATEWAY_MAX_N``, ``HELIX_GATEWAY_MAX_FILE_BYTES``.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
@@ -57,7 +62,8 @@ class GatewayConfig:
             values["api_keys"] = split_list(env["HELIX_API_KEYS"])
         if env.get("HELIX_GATEWAY_ROUTES"):
             values["routes"] = parse_routes(split_list(env["HELIX_GATEWAY_ROUTES"]))
-        for name in ("max_body_bytes", "max_queue_depth", "default_max_tokens", "max_n"):
+        for name in ("max_body_bytes", "max_queue_depth", "default_max_tokens", "max_n",
+                     "max_file_bytes"):
             raw = env.get(f"HELIX_GATEWAY_{name.upper()}")
             if raw is not None:
                 try:

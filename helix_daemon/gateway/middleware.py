@@ -14,20 +14,23 @@ _COUNTED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 
 
 class BodyLimit:
-    """Refuse (413) a body above ``max_bytes``: at once from its Content-Length, or as soon as
-    a chunked body passes the limit. The body is read here and replayed to the app."""
+    """Refuse (413) a body above ``max_bytes`` (``max_file_bytes`` for a file upload): at
+    once from its Content-Length, or as soon as a chunked body passes the limit. The body is
+    read here and replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_file_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_file_bytes = max_file_bytes + 64 * 1024  # room for the multipart framing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        limit = self.max_file_bytes if scope["path"] == "/v1/files" else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -36,8 +39,8 @@ class BodyLimit:
             if message["type"] == "http.disconnect":
                 return
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -53,8 +56,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        error = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+    async def _refuse(self, send: Send, limit: int) -> None:
+        error = APIError(413, f"the request body is larger than {limit} bytes",
                          code="request_too_large")
         body = msgspec.json.encode(error.body())
         await send({"type": "http.response.start", "status": 413,

@@ -9,6 +9,7 @@ answer. Helix's own sampling knobs ride along as vLLM's do (the SDK's ``extra_bo
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -124,7 +125,7 @@ def _check_completion(req: CompletionRequest) -> None:
         raise invalid("best_of other than n is not supported by Helix", "best_of")
 
 
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """A 400 naming the first invalid parameter of a pydantic validation error."""
     first = errors[0] if errors else {}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
