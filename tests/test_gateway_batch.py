@@ -210,3 +210,36 @@ def _answers_health(port: int) -> bool:
     except httpx.HTTPError:
         return False
 
+
+
+def test_helix_batch_reads_and_writes_openai_batch_lines(daemon: ThreadDaemon, redis_url: str,
+                                                         module_prefix: str, tmp_path: Path,
+                                                         helix: HelixClient) -> None:
+    """``helix batch`` runs a file of OpenAI batch lines (chat and completions) and writes
+    OpenAI's output lines: every custom_id once, texts equal to the Redis client's, the invalid
+    line answered with a 400 body (exit code 1); a rerun skips every line already written."""
+    from helix_daemon.cli.main import main
+
+    chat = [{"role": "user", "content": "Hi"}]
+    lines = [_line("c-1", "Once upon"), _line("c-2", "Hello"), _line("bad", "x", n=2),
+             {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "ignored", "messages": chat, "max_tokens": 4}}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(_jsonl(lines))
+    argv = ["batch", str(src), str(dst), "--redis-url", redis_url, "--prefix", module_prefix,
+            "--no-progress"]
+    assert main(argv) == 1
+    written = [json.loads(line) for line in dst.read_text().splitlines()]
+    by_id = {a["custom_id"]: a for a in written}
+    assert sorted(by_id) == ["bad", "c-1", "c-2", "chat-1"] and len(written) == 4
+    for custom_id, prompt in (("c-1", "Once upon"), ("c-2", "Hello")):
+        direct = helix.result(helix.submit(prompt, max_tokens=8, temperature=0), timeout_s=60)
+        response = by_id[custom_id]["response"]
+        assert response["status_code"] == 200
+        assert response["body"]["choices"][0]["text"] == direct.text
+    assert by_id["bad"]["response"]["status_code"] == 400
+    # the tiny model has no chat template: the daemon's invalid_request, as OpenAI's 400
+    assert by_id["chat-1"]["response"]["status_code"] == 400
+    assert "chat template" in by_id["chat-1"]["response"]["body"]["error"]["message"]
+    assert main(argv) == 0  # nothing left to run
+    assert len(dst.read_text().splitlines()) == 4

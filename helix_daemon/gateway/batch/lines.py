@@ -68,16 +68,20 @@ def parse_input(content: bytes, endpoint: str, batch_id: str,
         seen.add(custom_id)
         if item.get("method", "POST") != "POST" or item.get("url") != endpoint:
             raise BatchFileError(f"line {number}: every line must be POST {endpoint}")
-        lines.append(_line(custom_id, request_id_of(batch_id, custom_id), item.get("body"),
-                           ENDPOINTS[endpoint], default_max_tokens))
+        lines.append(to_line(custom_id, request_id_of(batch_id, custom_id), endpoint,
+                             item.get("body"), default_max_tokens))
     if not lines:
         raise BatchFileError("the input file has no requests")
     return lines
 
 
-def _line(custom_id: str, request_id: str, body: Any,
-          model: type[ChatCompletionRequest] | type[CompletionRequest],
-          default_max_tokens: int) -> Line:
+def to_line(custom_id: str, request_id: str, endpoint: str, body: Any,
+            default_max_tokens: int) -> Line:
+    """One line's request, validated as the HTTP endpoint would, or the error it answers."""
+    model = ENDPOINTS.get(endpoint)
+    if model is None:
+        return Line(custom_id, request_id, None, None,
+                    invalid(f"url must be one of {', '.join(ENDPOINTS)}", "url"))
     try:
         request = model.model_validate(body)
     except pydantic.ValidationError as e:
