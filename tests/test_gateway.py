@@ -4,6 +4,7 @@ shared Redis, driven by the official ``openai`` package and, for the wire format
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -324,6 +325,33 @@ def test_disconnect_mid_stream_cancels_and_frees_blocks(gateway: GatewayServer,
     wait_until(lambda: daemon.kv_blocks_used() == 0, 30, "the KV blocks to be freed")
     metrics = httpx.get(f"{gateway.url}/metrics").text
     assert "helix:gateway_client_disconnects_total 1.0" in metrics
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_cancels(gateway: GatewayServer,
+                                                             daemon: ThreadDaemon,
+                                                             helix: HelixClient) -> None:
+    """A client of a non-streamed request that closes its connection while the answer is being
+    generated has the request cancelled too (the gateway watches the connection, not only
+    its writes)."""
+    body = json.dumps({"model": "default", "prompt": "Hello", "max_tokens": 4000,
+                       "ignore_eos": True}).encode()
+    queue = p.queue_key("default", helix.prefix)
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+        def running() -> list[str]:
+            entries = helix.redis.xrange(queue)
+            ids = [p.decode_request(f, e.decode()).request_id for e, f in entries]
+            return [r for r in ids if helix.meta(r).get("state") == "running"]
+
+        wait_until(lambda: bool(running()), 60, "the request to run")
+        (request_id,) = running()
+    wait_until(lambda: helix.meta(request_id).get("state") in p.TERMINAL_STATES, 60,
+               "the request to end")
+    assert helix.meta(request_id)["state"] == "cancelled"
+    wait_until(lambda: daemon.kv_blocks_used() == 0, 30, "the KV blocks to be freed")
 
 
 def test_two_gateway_replicas_serve_the_same_streams(gateway: GatewayServer, redis_url: str,

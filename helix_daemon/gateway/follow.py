@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from helix_daemon.client import AsyncHelixClient
 from helix_daemon.gateway.translate import Choice
@@ -33,16 +33,13 @@ class Submitted:
 
     async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Every choice's events as they arrive, each choice's in order, to the last terminal."""
-        if len(self.choices) == 1:  # the common case needs no tasks
-            async for event in self.client.stream(self.request_ids[0]):
-                self._note(0, event)
-                yield self.choices[0], event
-            return
-        async for index, event in self._merged():
-            self._note(index, event)
-            yield self.choices[index], event
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
-    async def _merged(self) -> AsyncIterator[tuple[int, Event]]:
+    async def batches(self) -> AsyncGenerator[list[ChoiceEvent], None]:
+        """The same events, those that are ready together as one list: a reader that lags
+        behind (a burst) catches up in fewer, larger writes instead of one per event."""
         inbox: asyncio.Queue[tuple[int, Event] | BaseException] = asyncio.Queue()
 
         async def pump(index: int) -> None:
@@ -52,15 +49,22 @@ class Submitted:
             except Exception as e:  # handed to the consumer, which raises it
                 inbox.put_nowait(e)
 
-        tasks = [asyncio.create_task(pump(i)) for i in self._open]
+        tasks = [asyncio.create_task(pump(i)) for i in sorted(self._open)]
         remaining = len(tasks)
         try:
             while remaining:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                remaining -= is_terminal(item[1])
-                yield item
+                items = [await inbox.get()]
+                while not inbox.empty():
+                    items.append(inbox.get_nowait())
+                batch = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    index, event = item
+                    self._note(index, event)
+                    remaining -= is_terminal(event)
+                    batch.append((self.choices[index], event))
+                yield batch
         finally:
             for task in tasks:
                 task.cancel()

@@ -64,28 +64,30 @@ class Gateway:
 
     async def _stream(self, shape: Shape, submitted: Submitted, http: HTTPRequest,
                       started_s: float) -> Response:
-        events = submitted.events()
+        batches = submitted.batches()
         try:  # the first event decides the status: an error before any token is an HTTP error
-            first = await unless_disconnected(http.receive, events.__anext__())
+            first = await unless_disconnected(http.receive, batches.__anext__())
         except ClientGone:
             await self._gone(submitted)
             return Response(status_code=CLIENT_CLOSED)
         except BaseException:
             await submitted.cancel_open()
             raise
-        event = first[1]
+        event = first[0][1]
         if isinstance(event, (ErrorEvent, CancelledEvent)):
-            await events.aclose()
+            await batches.aclose()
             await submitted.cancel_open()
             raise from_event(event)
         self.metrics.open_streams.inc()
 
-        async def on_close() -> None:
+        async def on_close(disconnected: bool) -> None:
             self.metrics.open_streams.dec()
-            if submitted.is_open:
+            if disconnected:
                 await self._gone(submitted)
+            else:  # an error event ended the stream: its other choices are of no use now
+                await submitted.cancel_open()
 
-        body = sse_body(shape, first, events, self.metrics, started_s)
+        body = sse_body(shape, first, batches, self.metrics, started_s)
         return SSEResponse(body, on_close)
 
     async def _whole(self, shape: Shape, submitted: Submitted, http: HTTPRequest) -> Response:
@@ -99,7 +101,7 @@ class Gateway:
         return Response(_encode(answer), media_type="application/json")
 
     async def _collect(self, shape: Shape, submitted: Submitted) -> dict[str, Any]:
-        texts = [[] for _ in submitted.choices]  # type: list[list[str]]
+        texts: list[list[str]] = [[] for _ in submitted.choices]
         reasons = [""] * len(submitted.choices)
         usage = UsageTotal()
         async for choice, event in submitted.events():
