@@ -394,3 +394,29 @@ def test_clients_wait_for_daemon_that_starts_late(redis_url: str, key_prefix: st
                 late.stop()
     finally:
         server.stop()
+
+
+def test_gateway_flags_override_helix_variables_only_when_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``helix gateway`` reads HELIX_* (keys, routes, bounds, Redis URL) and its flags override
+    them only when given; a malformed route or number is refused."""
+    from helix_daemon.cli.gateway import gateway_config
+    from helix_daemon.cli.main import build_parser
+
+    monkeypatch.setenv("HELIX_API_KEYS", "k1, k2")
+    monkeypatch.setenv("HELIX_GATEWAY_ROUTES", "small=q1,big=q2")
+    monkeypatch.setenv("HELIX_GATEWAY_MAX_QUEUE_DEPTH", "7")
+    monkeypatch.setenv("HELIX_REDIS_URL", "rediss://u:pw@redis.example:6380/1")
+    plain = gateway_config(build_parser().parse_args(["gateway"]))
+    assert plain.api_keys == ("k1", "k2") and plain.routes == {"small": "q1", "big": "q2"}
+    assert plain.max_queue_depth == 7 and plain.redis_url.startswith("rediss://u:pw@")
+    flags = gateway_config(build_parser().parse_args([
+        "gateway", "--api-key", "k3", "--route", "tiny=q3", "--max-queue-depth", "0",
+        "--redis-url", "redis://other:6379/0"]))
+    assert flags.api_keys == ("k3",) and flags.routes == {"tiny": "q3"}
+    assert flags.max_queue_depth == 0 and flags.redis_url == "redis://other:6379/0"
+    with pytest.raises(ValueError, match="name=queue"):
+        gateway_config(build_parser().parse_args(["gateway", "--route", "nope"]))
+    monkeypatch.setenv("HELIX_GATEWAY_MAX_N", "many")
+    with pytest.raises(ValueError, match="HELIX_GATEWAY_MAX_N"):
+        gateway_config(build_parser().parse_args(["gateway"]))

@@ -72,7 +72,7 @@ class GatewayConfig:
                     raise ValueError(f"HELIX_GATEWAY_{name.upper()}: not an integer: {raw!r}")\
                         from None
         values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]  # checked by __post_init__ and mypy's callers
+        return cls(**values)  # type: ignore[arg-type]  # values are objects; __post_init__ checks
 
 
 def split_list(text: str) -> tuple[str, ...]:
