@@ -51,7 +51,8 @@ class Gateway:
         check_supported(req)
         choices = to_choices(req, self.config.default_max_tokens, self.config.max_n)
         try:
-            build_request(**choices[0].body)  # as the daemon will validate it (same for all)
+            for choice in choices:  # as the daemon will validate them: a 400 here, not later
+                build_request(**choice.body)
         except InvalidRequestError as e:
             raise invalid(str(e)) from None
         return choices
