@@ -33,9 +33,13 @@ def daemon(tiny_model_path: Path, redis_url: str, module_prefix: str) -> Iterato
     d.stop()
 
 
+WINDOW = 2  # lines of one batch in the queue at once, small so that it shows
+
+
 @pytest.fixture(scope="module")
 def gateway(daemon: ThreadDaemon, redis_url: str, module_prefix: str) -> Iterator[GatewayServer]:
-    server = GatewayServer(GatewayConfig(redis_url=redis_url, prefix=module_prefix)).start()
+    server = GatewayServer(GatewayConfig(redis_url=redis_url, prefix=module_prefix,
+                                         batch_window=WINDOW)).start()
     yield server
     server.stop()
 
@@ -67,10 +71,15 @@ def _run(client: openai.OpenAI, lines: list[dict[str, Any]]) -> Any:
                                  completion_window="24h")
 
 
-def _wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 120) -> Any:
+def _wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 120,
+          queue_depths: list[int] | None = None, helix: HelixClient | None = None) -> Any:
+    """Poll to a final status; the statuses seen (and, with ``helix``, the queue's depth at
+    each poll)."""
     seen: list[str] = []
 
     def final() -> bool:
+        if helix is not None and queue_depths is not None:
+            queue_depths.append(helix.status().length)
         batch = client.batches.retrieve(batch_id)
         if not seen or seen[-1] != batch.status:
             seen.append(batch.status)
@@ -90,17 +99,21 @@ def _answers(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]
 def test_batch_end_to_end(client: openai.OpenAI, helix: HelixClient) -> None:
     """Upload, create, poll to ``completed``: every custom_id is answered once, valid lines in
     the output file with the text the same greedy request gets through the Redis client, the
-    invalid line in the error file with a 400 body; request_counts and the listing agree."""
-    prompts = {f"req-{i}": p for i, p in enumerate(["Once", "Hello there", "The day", "Why"])}
-    lines = [_line(cid, p) for cid, p in prompts.items()]
+    invalid line in the error file with a 400 body; request_counts and the listing agree; the
+    queue never held more than the window's lines of the batch."""
+    prompts = {f"req-{i}": p for i, p in enumerate(["Once", "Hello there", "The day", "Why",
+                                                    "Where", "Who"])}
+    lines = [_line(cid, p, max_tokens=24, ignore_eos=True) for cid, p in prompts.items()]
     lines.append(_line("bad", "x", logprobs=2))
     batch = _run(client, lines)
     assert batch.status == "validating" and batch.endpoint == "/v1/completions"
-    done, statuses = _wait(client, batch.id)
+    depths: list[int] = []
+    done, statuses = _wait(client, batch.id, queue_depths=depths, helix=helix)
+    assert max(depths) <= WINDOW
     assert done.status == "completed" and statuses[-1] == "completed"
     assert statuses == sorted(statuses, key=["validating", "in_progress", "finalizing",
                                              "completed"].index)
-    assert done.request_counts.model_dump() == {"total": 5, "completed": 4, "failed": 1}
+    assert done.request_counts.model_dump() == {"total": 7, "completed": 6, "failed": 1}
     output = _answers(client, done.output_file_id)
     errors = _answers(client, done.error_file_id)
     assert sorted(a["custom_id"] for a in output) == sorted(prompts)
@@ -108,8 +121,8 @@ def test_batch_end_to_end(client: openai.OpenAI, helix: HelixClient) -> None:
     assert errors[0]["response"]["status_code"] == 400
     assert errors[0]["response"]["body"]["error"]["param"] == "logprobs"
     for answer in output:
-        direct = helix.result(helix.submit(prompts[answer["custom_id"]], max_tokens=8,
-                                           temperature=0), timeout_s=60)
+        direct = helix.result(helix.submit(prompts[answer["custom_id"]], max_tokens=24,
+                                           ignore_eos=True, temperature=0), timeout_s=60)
         body = answer["response"]["body"]
         assert answer["response"]["status_code"] == 200 and answer["error"] is None
         assert body["object"] == "text_completion" and body["choices"][0]["text"] == direct.text
@@ -162,14 +175,17 @@ def _gateway_process(redis_url: str, prefix: str, port: int, log: Path) -> subpr
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def test_a_batch_survives_its_gateway_killed_with_sigkill(daemon: ThreadDaemon, redis_url: str,
-                                                          module_prefix: str, tmp_path: Path,
+def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
+                                                          redis_url: str, key_prefix: str,
+                                                          tmp_path: Path,
                                                           sync_redis: redis.Redis) -> None:
-    """A gateway process takes a batch in progress and is killed with SIGKILL; a second
-    replica, started afterwards, takes the lapsed lease and completes the batch: every
-    custom_id answered exactly once, all of them successfully."""
+    """The only gateway of a prefix, a real process, takes a batch in progress and is killed
+    with SIGKILL; a second replica, started afterwards, takes the lapsed lease and completes the
+    batch: every custom_id answered exactly once, all of them successfully."""
+    # a prefix of its own (key_prefix): no other replica can take the batch
+    own_daemon = start_thread_daemon(str(tiny_model_path), redis_url, key_prefix)
     port = free_port()
-    first = _gateway_process(redis_url, module_prefix, port, tmp_path / "gateway.log")
+    first = _gateway_process(redis_url, key_prefix, port, tmp_path / "gateway.log")
     try:
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                            max_retries=3) as c:
@@ -182,9 +198,10 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(daemon: ThreadDaemon, 
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert first.returncode == -signal.SIGKILL
-        # killed mid-batch: nobody has finished its bookkeeping
-        assert sync_redis.hget(f"{module_prefix}:b:{{{batch.id}}}", "status") == b"in_progress"
-        second = GatewayServer(GatewayConfig(redis_url=redis_url, prefix=module_prefix)).start()
+        # killed mid-batch, holding the lease: nobody has finished its bookkeeping
+        assert sync_redis.hget(f"{key_prefix}:b:{{{batch.id}}}", "status") == b"in_progress"
+        assert sync_redis.exists(f"{key_prefix}:b:{{{batch.id}}}:lease")
+        second = GatewayServer(GatewayConfig(redis_url=redis_url, prefix=key_prefix)).start()
         try:
             with openai.OpenAI(base_url=second.base_url, api_key="x", max_retries=0) as c:
                 done, _ = _wait(c, batch.id)
@@ -195,6 +212,7 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(daemon: ThreadDaemon, 
         if first.poll() is None:
             first.kill()
             first.wait(10)
+        own_daemon.stop()
     assert done.status == "completed"
     assert sorted(a["custom_id"] for a in answered) == sorted(line["custom_id"]
                                                               for line in lines)

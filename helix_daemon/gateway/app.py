@@ -38,7 +38,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                        max_connections=config.redis_max_connections)
     gateway = Gateway(config, client)
     files, batches = FileStore(client.redis, config.prefix), BatchStore(client.redis, config.prefix)
-    worker = BatchWorker(client, gateway.routes, files, batches, config.default_max_tokens)
+    worker = BatchWorker(client, gateway.routes, files, batches, config.default_max_tokens,
+                         window=config.batch_window)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

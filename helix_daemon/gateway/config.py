@@ -34,12 +34,14 @@ class GatewayConfig:
     # whether this replica works on batches (any replica may; one at a time per batch).
     max_file_bytes: int = MAX_FILE_BYTES
     batch_worker: bool = True
+    batch_window: int = 128  # lines of one batch in the queue at once (the rest wait their turn)
 
     def __post_init__(self) -> None:
         for queue in self.routes.values():
             check_request_id(queue)
-        if self.max_body_bytes < 1 or self.max_n < 1 or self.default_max_tokens < 1:
-            raise ValueError("max_body_bytes, max_n and default_max_tokens must be >= 1")
+        if min(self.max_body_bytes, self.max_n, self.default_max_tokens, self.batch_window) < 1:
+            raise ValueError("max_body_bytes, max_n, default_max_tokens and batch_window must "
+                             "be >= 1")
         if self.max_queue_depth < 0 or self.route_ttl_s < 0:
             raise ValueError("max_queue_depth and route_ttl_s must be >= 0")
 
@@ -50,7 +52,7 @@ class GatewayConfig:
         ``HELIX_REDIS_URL``, ``HELIX_KEY_PREFIX``, ``HELIX_API_KEYS`` (comma-separated),
         ``HELIX_GATEWAY_MAX_BODY_BYTES``, ``HELIX_GATEWAY_MAX_QUEUE_DEPTH``,
         ``HELIX_GATEWAY_ROUTES`` (``name=queue,...``), ``HELIX_GATEWAY_DEFAULT_MAX_TOKENS``,
-        ``HELIX_GATEWAY_MAX_N``, ``HELIX_GATEWAY_MAX_FILE_BYTES``.
+        ``HELIX_GATEWAY_MAX_N``, ``HELIX_GATEWAY_MAX_FILE_BYTES``, ``HELIX_GATEWAY_BATCH_WINDOW``.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
@@ -63,7 +65,7 @@ class GatewayConfig:
         if env.get("HELIX_GATEWAY_ROUTES"):
             values["routes"] = parse_routes(split_list(env["HELIX_GATEWAY_ROUTES"]))
         for name in ("max_body_bytes", "max_queue_depth", "default_max_tokens", "max_n",
-                     "max_file_bytes"):
+                     "max_file_bytes", "batch_window"):
             raw = env.get(f"HELIX_GATEWAY_{name.upper()}")
             if raw is not None:
                 try:

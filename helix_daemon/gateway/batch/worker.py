@@ -1,8 +1,10 @@
 """``BatchWorker``: every replica runs one; it advances the batches whose lease it holds.
 
-validating -> (lines submitted as queue entries) -> in_progress -> (all lines ended) ->
-finalizing -> (output and error files written) -> completed; a bad input file -> failed;
-cancelling -> (open lines cancelled, all ended, files written) -> cancelled. Every step can be
+validating -> (lines checked) -> in_progress -> (lines enqueued, at most ``window`` of a batch
+in the queue at once, so that a large batch never stands in front of interactive requests in
+the first-in-first-out queue; all lines ended) -> finalizing -> (output and error files
+written) -> completed; a bad input file -> failed; cancelling -> (open lines cancelled, lines
+not yet enqueued never will be, all ended, files written) -> cancelled. Every step can be
 repeated from the state in Redis (ids are derived, files named after the batch), so a replica
 that dies mid-step leaves nothing another one cannot redo.
 """
@@ -41,13 +43,14 @@ class BatchWorker:
     """Advance the active batches, one lease at a time."""
 
     def __init__(self, client: AsyncHelixClient, routes: ModelRoutes, files: FileStore,
-                 batches: BatchStore, default_max_tokens: int, poll_s: float = 0.5,
-                 lease_ms: int = 5000) -> None:
+                 batches: BatchStore, default_max_tokens: int, window: int = 128,
+                 poll_s: float = 0.5, lease_ms: int = 5000) -> None:
         self.client = client
         self.routes = routes
         self.files = files
         self.batches = batches
         self.default_max_tokens = default_max_tokens
+        self.window = window  # lines of one batch in the queue at once
         self.poll_s = poll_s
         self.lease_ms = lease_ms
         self.replica_id = uuid.uuid4().hex
@@ -96,27 +99,31 @@ class BatchWorker:
                 {"code": "invalid_file", "message": str(e), "param": None, "line": None}]})
             await self.batches.transition(batch_id, "failed", "validating")
             return
-        for line in lines:
-            if line.error is None:
-                await self._submit(line)
-        errors = {line.custom_id: {"status_code": line.error.status, "body": line.error.body()}
-                  for line in lines if line.error}
+        errors = {line.custom_id: _stored(line.error) for line in lines if line.error}
         await self.batches.add_line_errors(batch_id, errors)
         await self.batches.update(batch_id, request_counts={
             "total": len(lines), "completed": 0, "failed": len(errors)})
         await self.batches.transition(batch_id, "in_progress", "validating")
 
-    async def _submit(self, line: Line) -> None:
-        """Enqueue a line (a no-op when an earlier round did); a model nobody serves makes it
-        an error line."""
-        assert line.request is not None and line.choice is not None
-        try:
-            queue = await self.routes.resolve(line.request.model)
-        except APIError as e:
-            line.error = e
-            return
-        await self.client.submit(request_id=line.request_id, queue=queue,
-                                 result_ttl_s=BATCH_RESULT_TTL_S, **line.choice.body)
+    async def _submit_more(self, batch_id: str, queued: list[Line],
+                           states: dict[str, str | None]) -> None:
+        """Keep ``window`` lines of the batch in the queue: enqueue the next ones in file order
+        (a line enqueued by an earlier round is a no-op). A line whose model nobody serves
+        becomes an error line."""
+        in_flight = sum(s is not None and s not in TERMINAL_STATES for s in states.values())
+        unsent = [line for line in queued if states[line.request_id] is None]
+        errors: dict[str, dict[str, Any]] = {}
+        for line in unsent[:max(0, self.window - in_flight)]:
+            assert line.request is not None and line.choice is not None
+            try:
+                queue = await self.routes.resolve(line.request.model)
+            except APIError as e:
+                errors[line.custom_id] = _stored(e)
+                continue
+            await self.client.submit(request_id=line.request_id, queue=queue,
+                                     result_ttl_s=BATCH_RESULT_TTL_S, **line.choice.body)
+            states[line.request_id] = "queued"
+        await self.batches.add_line_errors(batch_id, errors)
 
     async def _follow(self, batch_id: str, input_file_id: str, endpoint: str,
                       status: str) -> None:
@@ -124,13 +131,15 @@ class BatchWorker:
         errors = await self.batches.line_errors(batch_id)
         queued = [line for line in lines if line.custom_id not in errors]
         states = dict(zip((line.request_id for line in queued), await self._states(queued)))
-        if status == "cancelling":
+        if status == "in_progress":
+            await self._submit_more(batch_id, queued, states)
+        elif status == "cancelling":
             for line in queued:
-                if states[line.request_id] not in TERMINAL_STATES:
+                if states[line.request_id] not in TERMINAL_STATES | {None}:
                     await self.client.cancel(line.request_id)
         done = sum(state == "done" for state in states.values())
         ended = sum(state in TERMINAL_STATES for state in states.values())
-        # cancelling: a line never enqueued (cancelled while validating) has no state: ended
+        # cancelling: a line never enqueued will never run: it counts as ended
         never_ran = sum(state is None for state in states.values()) if status == "cancelling" \
             else 0
         await self.batches.update(batch_id, request_counts={
@@ -190,6 +199,11 @@ class BatchWorker:
 
         found = await asyncio.gather(*(one(line) for line in lines))
         return {r.request_id: r for r in found}
+
+
+def _stored(error: APIError) -> dict[str, Any]:
+    """How a line's error is kept in Redis until the error file is written."""
+    return {"status_code": error.status, "body": error.body()}
 
 
 def _jsonl(lines: list[str]) -> bytes:
