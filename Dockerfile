@@ -19,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY kvpool ./kvpool
 COPY scheduler ./scheduler
 COPY helix_daemon ./helix_daemon
-RUN pip install .
+RUN pip install ".[gateway]"
 
 RUN useradd --create-home --uid 10001 helix \
     && mkdir -p /home/helix/.cache/huggingface \

@@ -1,5 +1,11 @@
 """``helix batch``: run a JSONL file of requests, resumable (finished ids are skipped, results
-already in Redis are reused)."""
+already in Redis are reused).
+
+A line is a Helix request body (with an optional ``id``), or a line of OpenAI's batch format
+(``custom_id``, ``method``, ``url``, ``body``): the body is read as the gateway reads that
+endpoint's requests (its ``model`` is ignored: ``--queue`` says where it runs) and the result is
+written as OpenAI's output line (``custom_id``, ``response.status_code``, ``response.body``).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -22,7 +28,11 @@ from helix_daemon.client.core import ResultBuilder
 from helix_daemon.wire.protocol import TokenEvent
 from scheduler.errors import InvalidRequestError
 
+if TYPE_CHECKING:  # the gateway's parsing needs pydantic (the gateway extra): imported lazily
+    from helix_daemon.gateway.batch.lines import Line
+
 BATCH_NAMESPACE = uuid.UUID("5b0f3c1e-6d8a-4f4e-9a51-3c2f0e7b8d11")  # uuid5 namespace of batch ids
+OPENAI_DEFAULT_MAX_TOKENS = 256  # chat lines without max_tokens (the gateway's default)
 
 
 @dataclass
@@ -33,6 +43,7 @@ class BatchItem:
     request_id: str
     body: dict[str, Any]
     invalid: str | None = None
+    openai: Line | None = None  # a line of OpenAI's batch format
 
 
 @dataclass
@@ -69,9 +80,37 @@ def read_batch(path: Path) -> list[BatchItem]:
         except ValueError as e:
             items.append(BatchItem(number, default_id, {}, invalid=f"line {number}: {e}"))
             continue
+        if "custom_id" in body:
+            items.append(_openai_item(number, digest, body))
+            continue
         request_id = str(body.pop("id", None) or default_id)
         items.append(BatchItem(number, request_id, body))
     return items
+
+
+def _openai_item(number: int, digest: str, item: dict[str, Any]) -> BatchItem:
+    """A line of OpenAI's batch format; its id is derived from its ``custom_id``."""
+    from helix_daemon.gateway.batch.lines import to_line
+
+    custom_id = str(item["custom_id"])
+    request_id = str(uuid.uuid5(BATCH_NAMESPACE, f"{digest}:custom_id:{custom_id}"))
+    line = to_line(custom_id, request_id, str(item.get("url")), item.get("body"),
+                   OPENAI_DEFAULT_MAX_TOKENS)
+    if line.choice is None:
+        message = line.error.message if line.error else "invalid line"
+        return BatchItem(number, request_id, {}, invalid=message, openai=line)
+    return BatchItem(number, request_id, line.choice.body, openai=line)
+
+
+def result_line(item: BatchItem, result: RequestResult) -> str:
+    """The output line of one item: OpenAI's format for an OpenAI line, else Helix's."""
+    if item.openai is None:
+        return json.dumps({"line": item.line, **result.to_dict()}, ensure_ascii=False)
+    from helix_daemon.gateway.batch.lines import error_line, output_line
+
+    if item.openai.error is not None:
+        return error_line(item.openai, item.openai.error.status, item.openai.error.body())
+    return output_line(item.openai, result)[1]
 
 
 def finished_ids(path: Path) -> set[str]:
@@ -81,7 +120,9 @@ def finished_ids(path: Path) -> set[str]:
     done = set()
     for raw in path.read_text(encoding="utf-8").splitlines():
         try:
-            done.add(json.loads(raw)["id"])
+            record = json.loads(raw)
+            done.add(record["response"]["request_id"] if "custom_id" in record
+                     else record["id"])
         except (ValueError, KeyError, TypeError):
             continue
     return done
@@ -107,8 +148,7 @@ async def run_batch(client: AsyncHelixClient, items: Sequence[BatchItem], out: T
             result = await _run_item(client, item, report, timeout_s)
             report.results.append(result)
             if out is not None:
-                out.write(json.dumps({"line": item.line, **result.to_dict()},
-                                     ensure_ascii=False) + "\n")
+                out.write(result_line(item, result) + "\n")
                 out.flush()
             bar.update(1)
 

@@ -1,4 +1,4 @@
-"""The ``helix`` command line: serve, submit, stream, cancel, status, batch and demo.
+"""The ``helix`` command line: serve, gateway, submit, stream, cancel, status, batch and demo.
 
 Every client command is a thin layer over ``helix_daemon.client`` (protocol v1, docs/protocol.md).
 """
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub.add_parser("serve", parents=[common], help="run a daemon"))
+    _add_gateway(sub.add_parser("gateway", parents=[common],
+                                help="run the OpenAI-compatible HTTP gateway"))
     _add_submit(sub.add_parser("submit", parents=[common], help="enqueue one request"))
     stream = sub.add_parser("stream", parents=[common], help="follow a request's output")
     stream.add_argument("id")
@@ -107,6 +109,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "measured faster at load) | onednn | blas (F.linear)")
     p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
                    help="run the engine in a thread of the daemon instead of its own process")
+
+
+def _add_gateway(p: argparse.ArgumentParser) -> None:
+    from helix_daemon.cli.gateway import add_arguments  # FastAPI loads only when it runs
+
+    add_arguments(p)
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
@@ -164,8 +172,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 # Each command's module is imported when it runs: `helix status` need not load the daemon.
-_COMMANDS = {"serve": "serve", "submit": "commands", "stream": "commands", "cancel": "commands",
-             "status": "commands", "batch": "batch", "demo": "demo"}
+_COMMANDS = {"serve": "serve", "gateway": "gateway", "submit": "commands", "stream": "commands",
+             "cancel": "commands", "status": "commands", "batch": "batch", "demo": "demo"}
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
