@@ -433,9 +433,10 @@ def test_prefix_cache_through_redis_and_a_resume_that_hits_it(
     """With prefix caching (the default): a request repeating an earlier prompt reports the
     reused prompt tokens as ``usage.cached_tokens``, the heartbeat and Prometheus report the
     hits; then a takeover resume of the same prompt (its first attempt died after streaming
-    part of the output) starts from the cached blocks, its forced output's included, and still
-    ends with the uninterrupted run's exact ids and text. A running blocker keeps the daemon full (max_num_seqs=1, no
-    waiting room) so the dead attempt surely claims the resumed request first."""
+    part of the output) starts from the cached blocks, its forced output's included, and
+    still ends with the uninterrupted run's exact ids and text. A running blocker keeps the
+    daemon full (max_num_seqs=1, no waiting room) so the dead attempt surely claims the
+    resumed request first."""
     import urllib.request
 
     from scheduler.params import RequestParams, SamplingParams
