@@ -88,20 +88,26 @@ def test_speculation_with_prefix_hits_matches_target_alone(drafter: str) -> None
     assert results == [reference, reference]
 
 
-def test_draft_model_acceptance_equal_with_cache_on_and_off() -> None:
-    """A draft model's proposals do not change when its KV comes from a prefix hit: one
-    request after another with the same prompt, the draft model's acceptance counts with the
-    cache on equal those with it off (stale draft KV would lower them)."""
+@pytest.mark.parametrize("first_drafts", [True, False])
+def test_draft_model_proposals_equal_with_cache_on_and_off(first_drafts: bool) -> None:
+    """A draft model proposes the same tokens whether a request's prefix is cached or not: a
+    second request with the first one's prompt makes as many proposals, accepted as often,
+    with the cache on as off. When the first request did not draft (K = 0), the hit blocks
+    hold no draft KV, and the draft model prefills them instead of attending to stale slots."""
     draft, target = pair()
     rng = random.Random(5)
     prompt = [rng.randrange(1, 512) for _ in range(90)]
     jobs = [Job("a", prompt, 20, 0), Job("b", prompt + [7, 8, 9], 20, 30)]
+    k_first = None if first_drafts else 0
     counts = []
     for enabled in (True, False):
         engine = make_engine(target, draft=draft, num_kv_blocks=256,
                              adaptive_speculation=False, num_speculative_tokens=3,
                              enable_prefix_caching=enabled)
-        outputs = _run(engine, jobs)
+        outputs = run_engine(engine, jobs, lambda job: greedy(
+            job.max_tokens, num_speculative_tokens=k_first if job.request_id == "a" else None))
+        assert engine.allocator.num_used == 0
+        assert (engine.stats().prefix_cache_hits > 0) is enabled
         counts.append((outputs, engine.stats().num_draft_proposed,
                        engine.stats().num_draft_accepted))
     assert counts[0] == counts[1]
