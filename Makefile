@@ -45,11 +45,12 @@ lint: venv  ## ruff, mypy, then the import rules of docs/architecture.md (import
 demo: venv redis  ## run `helix demo` against $REDIS_URL (DEMO_ARGS="..." passes options)
 	@$(WITH_VENV) $(BIN)/helix demo --redis-url "$(REDIS_URL)" $(DEMO_ARGS)
 
-bench: venv redis  ## quick runs of the four benchmarks (full runs: see bench/README.md)
+bench: venv redis  ## quick runs of the benchmarks (full runs: see bench/README.md)
 	@$(WITH_VENV) $(BIN)/python bench/throughput.py --quick
 	@$(WITH_VENV) $(BIN)/python bench/speculative.py --quick
 	@$(WITH_VENV) $(BIN)/python bench/serve.py --quick --redis-url "$(REDIS_URL)"
 	@$(WITH_VENV) $(BIN)/python bench/gateway.py --quick --redis-url "$(REDIS_URL)"
+	@$(WITH_VENV) $(BIN)/python bench/prefix_cache.py --quick
 
 clean:  ## remove caches and build leftovers (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -49,6 +49,8 @@ class DaemonConfig:
     # K chosen per step from measured costs and acceptance; False: always draft
     # num_speculative_tokens (as vLLM does)
     adaptive_speculation: bool = True
+    # reuse the KV of prompt blocks seen before (exact: same tokens either way)
+    enable_prefix_caching: bool = True
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
     # Run the engine in a child process, so its Python never waits for the event loop's GIL
@@ -118,6 +120,7 @@ class DaemonConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             num_speculative_tokens=self.num_speculative_tokens,
                             adaptive_speculation=self.adaptive_speculation,
+                            enable_prefix_caching=self.enable_prefix_caching,
                             cpu_linear=self.cpu_linear, torch_threads=self.torch_threads,
                             model_cache_dir=self.model_cache_dir or None)
 

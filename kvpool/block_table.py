@@ -29,6 +29,14 @@ class BlockTable:
     def can_append(self, num_new_tokens: int) -> bool:
         return self.allocator.can_allocate(self.blocks_needed(num_new_tokens))
 
+    def share_prefix(self, block_ids: list[int]) -> None:
+        """Start an empty table with cached full blocks (a prefix hit): their KV is reused."""
+        if self.block_ids:
+            raise ValueError("a prefix can only seed an empty block table")
+        self.allocator.share(block_ids)
+        self.block_ids = list(block_ids)
+        self.num_tokens = len(block_ids) * self.block_size
+
     def append(self, num_new_tokens: int) -> None:
         """Reserve slots for ``num_new_tokens`` tokens after the current ones."""
         self.block_ids += self.allocator.allocate(self.blocks_needed(num_new_tokens))
@@ -37,12 +45,13 @@ class BlockTable:
     def truncate(self, num_tokens: int) -> None:
         """Keep only the first ``num_tokens`` slots; blocks left empty go back to the pool.
 
-        Speculation rolls back rejected draft tokens this way.
+        Speculation rolls back rejected draft tokens this way. Blocks are released last first, so
+        that a prefix cache evicts a sequence's tail before the prefix others may share.
         """
         if not 0 <= num_tokens <= self.num_tokens:
             raise ValueError(f"cannot truncate {self.num_tokens} tokens to {num_tokens}")
         keep = -(-num_tokens // self.block_size)
-        self.allocator.free(self.block_ids[keep:])
+        self.allocator.free(reversed(self.block_ids[keep:]))
         del self.block_ids[keep:]
         self.num_tokens = num_tokens
 

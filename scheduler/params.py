@@ -43,6 +43,15 @@ class RequestParams:
     ignore_eos: bool = False
     priority: int = 0  # lower runs first, as in vLLM
     num_speculative_tokens: int | None = None  # per-request K override; 0 disables speculation
+    prefix_caching: bool = True  # False: neither reuse cached prefix blocks nor offer its own
+    cache_salt: str | None = None  # blocks hit only requests with the same salt (tenants)
+
+    @property
+    def cache_key(self) -> bytes | None:
+        """The extra key of this request's block hashes; None when it opts out of caching."""
+        if not self.prefix_caching:
+            return None
+        return b"" if self.cache_salt is None else b"salt:" + self.cache_salt.encode()
 
     def validate(self) -> None:
         if self.max_tokens < 1:

@@ -5,6 +5,10 @@ prefills in chunks, then waiting requests by (priority, arrival) while blocks an
 budget allow. When the pool cannot hold a running sequence's next tokens, the lowest-priority,
 newest sequence is preempted by recompute: its blocks are freed and it waits again with prompt +
 output so far. Out of blocks is never an error.
+
+With a prefix cache in the allocator, an admitted sequence starts from the cached blocks of its
+longest known prefix (``prefix.py``): its block table is seeded with them and its computed count
+moved past them, so its prefill starts after the hit; admission counts only the blocks it lacks.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from kvpool.allocator import BlockAllocator
 from kvpool.block_table import BlockTable
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
+from scheduler.prefix import NO_HIT, PrefixHit, PrefixMatcher
 from scheduler.sequence import Sequence, SequenceStatus, TextStream
 from scheduler.speculation import DraftDecision
 
@@ -109,6 +114,8 @@ class Scheduler:
         self._pending: list[SeqUpdate] = []  # finished outside a step (abort, nothing left to do)
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+        cache = allocator.prefix_cache
+        self.prefix = PrefixMatcher(cache, config.block_size) if cache is not None else None
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -234,6 +241,7 @@ class Scheduler:
         seq.block_table.free()
         seq.block_table = None
         seq.num_computed = seq.num_draft_computed = 0
+        seq.num_registered_blocks = seq.num_draft_marked_blocks = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -246,21 +254,32 @@ class Scheduler:
             seq = self.waiting[0]
             if seq in plan.preempted:
                 break
-            num_query = min(seq.num_uncomputed, budget)
-            table = BlockTable(self.allocator, self.config.block_size)
+            hit = self.prefix.find(seq) if self.prefix is not None else NO_HIT
+            num_query = min(seq.num_tokens - hit.num_tokens, budget)
             # The watermark keeps room for running sequences to grow; with none running it
             # would only stall a request whose first chunk needs the whole pool, forever.
             watermark = self.config.watermark_blocks if self.running else 0
-            needed = table.blocks_needed(num_query) + watermark
-            if not self.allocator.can_allocate(needed):
+            num_new = -(-(hit.num_tokens + num_query) // self.config.block_size) \
+                - len(hit.block_ids)
+            if not self.allocator.can_allocate(num_new + hit.num_evictable + watermark):
                 break
             self.waiting.pop(0)
-            table.append(num_query)
-            seq.block_table = table
+            seq.block_table = self._table_from(seq, hit)
+            seq.block_table.append(num_query)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             plan.scheduled.append(ScheduledSeq(seq, num_query))
             budget -= num_query
+
+    def _table_from(self, seq: Sequence, hit: PrefixHit) -> BlockTable:
+        """A block table starting with ``hit``'s cached blocks; ``seq`` computes after them."""
+        table = BlockTable(self.allocator, self.config.block_size)
+        table.share_prefix(hit.block_ids)
+        seq.num_computed = hit.num_tokens
+        seq.num_draft_computed = hit.num_draft_tokens
+        if self.prefix is not None:
+            self.prefix.admit(seq, hit)
+        return table
 
     # -- after the forward pass ----------------------------------------------------------------
 
@@ -274,6 +293,7 @@ class Scheduler:
             seq = item.seq
             if not item.samples:
                 seq.num_computed += item.num_query_tokens
+                self._register(seq)
                 continue
             num_accepted = len(tokens) - 1
             # KV is valid for the query tokens and the accepted drafts; the rest is rolled back
@@ -281,9 +301,14 @@ class Scheduler:
             assert seq.block_table is not None
             seq.block_table.truncate(seq.num_computed)
             seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed)
+            self._register(seq)
             self._record_drafts(seq, len(item.draft_token_ids), num_accepted)
             updates.append(self._append_tokens(seq, tokens))
         return updates
+
+    def _register(self, seq: Sequence) -> None:
+        if self.prefix is not None:
+            self.prefix.register(seq)
 
     def _record_drafts(self, seq: Sequence, proposed: int, accepted: int) -> None:
         if proposed == 0:

@@ -46,6 +46,13 @@ class Sequence:
         self.num_preemptions = 0
         self.num_draft_proposed = 0
         self.num_draft_accepted = 0
+        # prefix caching: None = this request neither reads nor writes the cache; else the extra
+        # key its blocks are hashed with (its cache_salt)
+        self.cache_key: bytes | None = params.cache_key
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks, as far as known
+        self.num_registered_blocks = 0  # leading blocks of its table already in the cache
+        self.num_draft_marked_blocks = 0  # leading blocks marked as holding draft-model KV
+        self.num_cached_tokens: int | None = None  # prompt tokens its first admission reused
 
     @property
     def sort_key(self) -> tuple[int, int]:

@@ -125,8 +125,9 @@ def test_stream_dedupes_by_seq_and_resumes(client: HelixClient, sync_redis,
     assert [e.seq for e in client.stream("r1", from_seq=2)] == [2, 3]
     result = client.result("r1", timeout_s=5)
     assert result.ok and result.text == "Hello!" and result.token_ids == [10, 11, 12, 13]
-    assert result.finish_reason == "length" and result.usage == {"prompt_tokens": 3,
-                                                                 "completion_tokens": 4}
+    # Usage(3, 4): no cached_tokens given, so it reads as 0 (nothing from the prefix cache)
+    assert result.finish_reason == "length" and result.usage == {
+        "prompt_tokens": 3, "completion_tokens": 4, "cached_tokens": 0}
     assert result.timings["attempts"] == 2 and result.attempts == 2
 
 

@@ -426,3 +426,54 @@ def test_a_crashed_task_ends_the_daemon(start_daemon, sync_redis, key_prefix) ->
     start_daemon()
     wait_all_finished(sync_redis, key_prefix, [rid], 30)
     assert isinstance(read_result(sync_redis, key_prefix, rid).terminal, p.DoneEvent)
+
+
+def test_prefix_cache_through_redis_and_a_resume_that_hits_it(
+        start_daemon, sync_redis, key_prefix, redis_url, tiny_model_path) -> None:
+    """With prefix caching (the default): a request repeating an earlier prompt reports the
+    reused prompt tokens as ``usage.cached_tokens``, the heartbeat and Prometheus report the
+    hits; then a takeover resume of the same prompt (its first attempt died after streaming
+    part of the output) starts from the cached blocks, its forced output's included, and
+    still ends with the uninterrupted run's exact ids and text. A running blocker keeps the
+    daemon full (max_num_seqs=1, no waiting room) so the dead attempt surely claims the
+    resumed request first."""
+    import urllib.request
+
+    from scheduler.params import RequestParams, SamplingParams
+    from tests.conftest import free_port
+
+    prompt = " ".join(PROMPTS)  # a few blocks long
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    history = _history(str(tiny_model_path), prompt, RequestParams(
+        max_tokens=40, sampling=SamplingParams(temperature=0.0), ignore_eos=True))
+    port = free_port()
+    start_daemon(max_num_seqs=1, max_waiting=0, metrics_port=port)
+    for rid in ("warm", "again"):
+        enqueue(sync_redis, key_prefix, QUEUE, body, rid)
+        wait_all_finished(sync_redis, key_prefix, [rid], 60)
+    usage = {rid: read_result(sync_redis, key_prefix, rid).terminal.usage
+             for rid in ("warm", "again")}
+    assert usage["warm"].cached_tokens == 0
+    assert 0 < usage["again"].cached_tokens < usage["again"].prompt_tokens
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert f"helix:prefix_cache_hits_total {float(usage['again'].cached_tokens)}" in text
+    assert "helix:prefix_cache_queries_total" in text
+
+    def hit_rate() -> float | None:
+        raw = sync_redis.get(p.daemon_key("t0", key_prefix))
+        return json.loads(raw).get("prefix_cache_hit_rate") if raw else None
+
+    wait_until(lambda: hit_rate() is not None, 10, "a heartbeat with a hit rate")
+    enqueue(sync_redis, key_prefix, QUEUE, LONG, "blocker")
+    wait_until(lambda: first_tokens_seen(sync_redis, key_prefix, "blocker"), 60, "the blocker")
+    enqueue(sync_redis, key_prefix, QUEUE, body, "res")
+    cut_ids, cut_text = history[len(history) // 2]
+    asyncio.run(_ghost_attempt(redis_url, key_prefix, "res", cut_ids, cut_text))
+    sync_redis.hset(p.meta_key("blocker", key_prefix), "cancel", "1")
+    sync_redis.publish(p.cancel_channel(key_prefix), "blocker")
+    wait_all_finished(sync_redis, key_prefix, ["res"], 60)
+    result = read_result(sync_redis, key_prefix, "res")
+    assert result.attempts_seen == {1, 2}
+    assert (result.ids, result.text) == history[-1]
+    # the whole prompt and the first output blocks (registered by "warm") came from the cache
+    assert result.terminal.usage.cached_tokens == result.terminal.usage.prompt_tokens

@@ -9,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvpool.allocator import BlockAllocator, OutOfBlocksError
 from kvpool.block_table import BlockTable
+from kvpool.prefix_cache import ROOT_HASH, PrefixCache, hash_block
 
 
 def test_allocate_and_free_round_trip() -> None:
@@ -69,6 +70,62 @@ def test_block_table_slots_and_truncate() -> None:
     assert alloc.num_free == 10
 
 
+def test_block_hash_chains_parent_tokens_and_salt() -> None:
+    """A block's hash changes with its parent, any token and the extra key, and is stable."""
+    h = hash_block(ROOT_HASH, [1, 2, 3, 4])
+    assert h == hash_block(ROOT_HASH, [1, 2, 3, 4])
+    assert h != hash_block(h, [1, 2, 3, 4])
+    assert h != hash_block(ROOT_HASH, [1, 2, 3, 5])
+    assert h != hash_block(ROOT_HASH, [1, 2, 3, 4], b"salt:a")
+    # length-prefixed parts: moving bytes between the parts never gives the same hash
+    assert hash_block(b"", [1], b"x") != hash_block(b"x", [1], b"")
+
+
+def test_freed_cached_blocks_stay_hittable_and_tails_are_evicted_first() -> None:
+    """A finished sequence's cached blocks stay out of the free list until the pool needs them;
+    then the least recently released go first, and a sequence's tail before its head."""
+    cache = PrefixCache()
+    alloc = BlockAllocator(4, cache)
+    table = BlockTable(alloc, block_size=2)
+    table.append(6)  # blocks a, b, c: all full
+    a, b, c = table.block_ids
+    for block_id, name in zip(table.block_ids, (b"a", b"b", b"c")):
+        assert cache.register(block_id, name)
+    table.free()
+    assert alloc.num_free == 4 and alloc.num_used == 0
+    assert cache.evictable_ids() == [c, b, a]  # released in reverse order
+    hit = BlockTable(alloc, block_size=2)
+    hit.share_prefix([a])  # a leaves the evictable set
+    alloc.check_integrity([hit.block_ids])
+    fresh = alloc.allocate(2)  # the never-cached block first, then the oldest evictable: c
+    assert c in fresh and cache.lookup(b"c") is None and cache.lookup(b"b") == b
+    alloc.check_integrity([hit.block_ids, fresh])
+    alloc.free(fresh)
+    hit.free()
+    alloc.check_integrity()
+
+
+def test_sharing_counts_references_and_refuses_uncached_blocks() -> None:
+    """A shared block is freed (made evictable) only when its last holder lets go; sharing a
+    block nobody cached is refused."""
+    cache = PrefixCache()
+    alloc = BlockAllocator(3, cache)
+    [block] = alloc.allocate(1)
+    cache.register(block, b"h")
+    alloc.share([block])
+    assert alloc.ref_count(block) == 2
+    alloc.free([block])
+    assert not cache.is_evictable(block)
+    alloc.free([block])
+    assert cache.is_evictable(block)
+    [other] = alloc.allocate(1)
+    alloc.free([other])
+    with pytest.raises(ValueError, match="no cached content"):
+        alloc.share([other])
+    assert cache.register(block, b"h2") is False  # one hash per block
+    alloc.check_integrity()
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Random appends, truncations and frees over several tables never leak or double-free."""
 
@@ -117,3 +174,79 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+class PrefixPoolMachine(RuleBasedStateMachine):
+    """Tables that register their full blocks and start from others' cached blocks, appends,
+    truncations and frees over a small pool: no leak, no double free, a cached block is never
+    handed out while held, hits always find the content they were registered with, and at the
+    end every block is free or cached-and-free."""
+
+    SIZE = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = PrefixCache()
+        self.alloc = BlockAllocator(10, self.cache)
+        self.tables: list[BlockTable] = []
+        self.content: dict[int, bytes] = {}  # block id -> hash of what was written into it
+
+    @rule(data=st.data())
+    def new_table(self, data: st.DataObject) -> None:
+        """A new table, seeded with some cached blocks when that fits (a prefix hit)."""
+        table = BlockTable(self.alloc, block_size=self.SIZE)
+        cached = [b for b in range(self.alloc.num_blocks) if self.cache.is_cached(b)]
+        hit = data.draw(st.lists(st.sampled_from(cached), unique=True, max_size=3)) \
+            if cached else []
+        if sum(self.cache.is_evictable(b) for b in hit) <= self.alloc.num_free:
+            table.share_prefix(hit)
+            for block_id in hit:  # the hit serves what was registered
+                assert self.cache.lookup(self.content[block_id]) == block_id
+        self.tables.append(table)
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data(), n=st.integers(0, 6))
+    def append(self, data: st.DataObject, n: int) -> None:
+        table = data.draw(st.sampled_from(self.tables))
+        if table.can_append(n):
+            before = len(table.block_ids)
+            table.append(n)
+            for block_id in table.block_ids[before:]:  # fresh blocks: nobody else holds them
+                assert self.alloc.ref_count(block_id) == 1 and not self.cache.is_cached(block_id)
+                self.content[block_id] = data.draw(st.binary(min_size=4, max_size=4))
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data())
+    def register_full_blocks(self, data: st.DataObject) -> None:
+        table = data.draw(st.sampled_from(self.tables))
+        for block_id in table.block_ids[: table.num_tokens // self.SIZE]:
+            self.cache.register(block_id, self.content[block_id])
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data())
+    def truncate(self, data: st.DataObject) -> None:
+        table = data.draw(st.sampled_from(self.tables))
+        # a shared (cached) prefix is never cut into: sequences only roll back their own tail
+        shared = sum(self.cache.is_cached(b) for b in table.block_ids) * self.SIZE
+        table.truncate(data.draw(st.integers(min(shared, table.num_tokens), table.num_tokens)))
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data())
+    def free_table(self, data: st.DataObject) -> None:
+        table = data.draw(st.sampled_from(self.tables))
+        table.free()
+        self.tables.remove(table)
+
+    @invariant()
+    def integrity(self) -> None:
+        self.alloc.check_integrity([t.block_ids for t in self.tables])
+
+    def teardown(self) -> None:
+        for t in self.tables:
+            t.free()
+        assert self.alloc.num_free == self.alloc.num_blocks and self.alloc.num_used == 0
+        self.alloc.check_integrity()
+
+
+TestPrefixPoolMachine = PrefixPoolMachine.TestCase
+TestPrefixPoolMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

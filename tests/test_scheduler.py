@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvpool.allocator import BlockAllocator
+from kvpool.prefix_cache import PrefixCache
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams, SamplingParams
 from scheduler.scheduler import (
@@ -156,7 +157,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     output and speculative steps with fake tokens, over a pool so small that sequences are
     preempted. After every rule the pool is intact and each sequence's reserved KV equals its
     computed tokens; at the end every request, preempted ones included, finishes exactly once
-    with its tokens intact, and every block is back in the pool."""
+    with its tokens intact, and every block is back in the pool.
+
+    With a prefix cache (most examples), prompts share prefixes (and salts split them): a
+    shadow KV (the token id each slot was last written with) shows every running sequence
+    attends to exactly its own tokens, so a hit serves the right content and no block is
+    written while another sequence reads it; written blocks are held by their writer alone."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,26 +174,31 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.closed: set[str] = set()  # finished, aborted or done on arrival
         self.aborted: set[str] = set()
         self.preempted: set[str] = set()
+        self.shadow: dict[int, int] = {}  # slot -> token id whose "KV" was last written there
 
     @initialize(num_blocks=st.integers(3, 12), block_size=st.sampled_from([1, 2, 4]),
                 budget=st.integers(2, 24), max_num_seqs=st.integers(1, 5), k=st.integers(0, 3),
-                watermark=st.integers(0, 1), max_context=st.integers(8, 48))
+                watermark=st.integers(0, 1), max_context=st.integers(8, 48),
+                caching=st.sampled_from([True, True, True, False]))
     def configure(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int,
-                  k: int, watermark: int, max_context: int) -> None:
+                  k: int, watermark: int, max_context: int, caching: bool) -> None:
         config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                  block_size=block_size, max_context=max_context,
                                  num_speculative_tokens=k, watermark_blocks=watermark)
-        self.sched = Scheduler(config, BlockAllocator(num_blocks), eos_token_ids=[EOS],
+        allocator = BlockAllocator(num_blocks, PrefixCache() if caching else None)
+        self.sched = Scheduler(config, allocator, eos_token_ids=[EOS],
                                draft_policy=FixedDrafts(k))
 
     # -- rules ---------------------------------------------------------------------------------
 
     @rule(data=st.data(), priority=st.integers(-1, 1), spec=st.sampled_from([None, 0, 1, 2]),
-          ignore_eos=st.booleans(), stops=st.booleans())
+          ignore_eos=st.booleans(), stops=st.booleans(), family=st.integers(0, 2),
+          salt=st.sampled_from([None, None, "t2"]), caching=st.sampled_from([True, True, False]))
     def add(self, data: st.DataObject, priority: int, spec: int | None, ignore_eos: bool,
-            stops: bool) -> None:
+            stops: bool, family: int, salt: str | None, caching: bool) -> None:
         """A request sized to the pool and context (one in ten too big: refused); prompts
-        longer than the step budget are prefilled in chunks."""
+        longer than the step budget are prefilled in chunks. Prompts of one family share
+        their prefixes; some requests carry a salt or opt out of caching."""
         config = self.sched.config
         room = min(config.max_context, self.sched.allocator.num_blocks * config.block_size)
         if data.draw(st.integers(0, 9), label="oversized") == 0:
@@ -199,11 +210,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         num_forced = data.draw(st.one_of(st.just(0), st.integers(0, max_tokens + 1)),
                                label="num_forced")
         rid = f"r{len(self.seqs)}"
-        prompt = [2 + i % 8 for i in range(prompt_len)]
+        prompt = [2 + (i * (family + 1)) % 8 for i in range(prompt_len)]
         forced = [2 + i % 8 for i in range(num_forced)]
         params = RequestParams(max_tokens=max_tokens, priority=priority, ignore_eos=ignore_eos,
                                stop_token_ids=(STOP,) if stops else (),
-                               num_speculative_tokens=spec)
+                               num_speculative_tokens=spec, cache_salt=salt,
+                               prefix_caching=caching)
         if total > room:
             with pytest.raises(InvalidRequestError):
                 self.sched.add(rid, prompt, params, forced)
@@ -253,7 +265,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         for seq in sched.waiting:
             assert seq.status is SequenceStatus.WAITING
             assert seq.block_table is None and seq.num_computed == 0, seq
-        assert sum(len(t) for t in sched.block_tables()) == sched.allocator.num_used
+        # shared prefix blocks count once
+        assert len({b for t in sched.block_tables() for b in t}) == sched.allocator.num_used
         assert len(sched.running) <= sched.config.max_num_seqs
         for queue in (sched.waiting, sched.running):
             assert [s.sort_key for s in queue] == sorted(s.sort_key for s in queue)
@@ -281,7 +294,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             raise AssertionError(f"no end in sight: waiting {self.sched.waiting}, "
                                  f"running {self.sched.running}")
         assert set(self.finished) == set(self.seqs)  # the preempted ones came back too
+        # every block is free: never-cached, or cached and evictable
         assert self.sched.allocator.num_free == self.sched.allocator.num_blocks
+        self.sched.allocator.check_integrity()
 
     # -- one step and its checks ---------------------------------------------------------------
 
@@ -293,10 +308,34 @@ class SchedulerMachine(RuleBasedStateMachine):
         for item in plan.scheduled:
             if item.num_draft_slots:
                 item.draft_token_ids = drafts(item.num_draft_slots)
+            self._write_shadow(item)
             sampled.append(sample(item) if item.samples else [])
         updates = self.sched.postprocess(plan, sampled)
         self._check_updates(plan, sampled, updates)
+        self.attends_to_own_tokens()
         return plan
+
+    def _write_shadow(self, item: ScheduledSeq) -> None:
+        """The "forward pass": write each query and draft token's id into its slot, after
+        checking nobody else holds (or may hit) the blocks written."""
+        seq, table = item.seq, item.seq.block_table
+        assert table is not None
+        allocator, size = self.sched.allocator, table.block_size
+        for block_id in table.block_ids[seq.num_computed // size:]:
+            assert allocator.ref_count(block_id) == 1, (seq, block_id)
+            cache = allocator.prefix_cache
+            assert cache is None or not cache.is_cached(block_id), (seq, block_id)
+        tokens = seq.token_ids[seq.num_computed: seq.num_computed + item.num_query_tokens]
+        for offset, token in enumerate(tokens + item.draft_token_ids):
+            self.shadow[table.slot(seq.num_computed + offset)] = token
+
+    @invariant()
+    def attends_to_own_tokens(self) -> None:
+        """Every computed position of a running sequence holds its own token (hits included)."""
+        for seq in self.sched.running:
+            assert seq.block_table is not None
+            for pos in range(seq.num_computed):
+                assert self.shadow.get(seq.block_table.slot(pos)) == seq.token_ids[pos], seq
 
     def _draft_cap(self, seq: Sequence) -> int:
         config, params = self.sched.config, seq.params

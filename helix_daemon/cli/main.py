@@ -107,6 +107,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-linear", choices=CPU_LINEAR_CHOICES,
                    help="CPU linear layers: auto (default: oneDNN on packed weights where "
                         "measured faster at load) | onednn | blas (F.linear)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const",
+                   const=False, help="prefill every prompt from scratch (default: reuse the KV "
+                                     "of prompt blocks seen before)")
     p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
                    help="run the engine in a thread of the daemon instead of its own process")
 

@@ -23,6 +23,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     num_speculative_tokens: int = 4  # most draft tokens per sequence and step
     adaptive_speculation: bool = True
+    # reuse the KV of full prompt blocks seen before (kvpool/prefix_cache.py); exact either way
+    enable_prefix_caching: bool = True
     seed: int = 0
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
     # CPU threads of torch's kernels (process-wide); None = torch's default. Fewer than the

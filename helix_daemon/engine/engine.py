@@ -26,6 +26,7 @@ from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget
+from kvpool.prefix_cache import PrefixCache
 from scheduler.detokenizer import Decoder, DetokenizedText
 from scheduler.errors import InvalidRequestError
 from scheduler.params import RequestParams
@@ -72,7 +73,8 @@ class Engine:
         self.drafter = drafter
         self.device = target.device
         num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(
+            num_blocks, PrefixCache() if config.enable_prefix_caching else None)
         target.allocate_cache(num_blocks, config.block_size)
         if drafter is not None:
             drafter.allocate_cache(num_blocks, config.block_size)
@@ -277,6 +279,7 @@ class Engine:
             finish_reason=update.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_draft_proposed=seq.num_draft_proposed, num_draft_accepted=seq.num_draft_accepted,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     # -- introspection -------------------------------------------------------------------------
@@ -289,6 +292,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        cache = self.allocator.prefix_cache
         return EngineStats(
             num_running=len(s.running), num_waiting=len(s.waiting),
             kv_blocks_used=self.allocator.num_used, kv_blocks_total=self.allocator.num_blocks,
@@ -296,6 +300,9 @@ class Engine:
             num_draft_proposed=self._num_proposed, num_draft_accepted=self._num_accepted,
             peak_kv_blocks_used=self._peak_blocks, kv_slots_allocated=self._slots_allocated,
             kv_slots_used=self._slots_used,
+            prefix_cache_queries=s.prefix.num_queried_tokens if s.prefix else 0,
+            prefix_cache_hits=s.prefix.num_hit_tokens if s.prefix else 0,
+            kv_blocks_cached=cache.num_cached if cache is not None else 0,
         )
 
     @property

@@ -23,6 +23,7 @@ class RequestOutput:
     num_output_tokens: int
     num_draft_proposed: int
     num_draft_accepted: int
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(slots=True)
@@ -38,6 +39,10 @@ class EngineStats:
     peak_kv_blocks_used: int
     kv_slots_allocated: int  # summed over steps: slots held by live blocks
     kv_slots_used: int  # summed over steps: slots holding a token
+    # prefix cache, running totals in tokens (vLLM's queries and hits); 0 when it is off
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    kv_blocks_cached: int = 0  # blocks holding reusable content, held or evictable
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,6 +319,10 @@ class Daemon:
             if previous is not None else (0, 0)
         self.metrics.add_spec_tokens(stats.num_draft_proposed - proposed,
                                      stats.num_draft_accepted - accepted)
+        queried, hit = (previous.prefix_cache_queries, previous.prefix_cache_hits) \
+            if previous is not None else (0, 0)
+        self.metrics.add_prefix_cache(stats.prefix_cache_queries - queried,
+                                      stats.prefix_cache_hits - hit)
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]], timeout_s: float = 5.0) -> None:

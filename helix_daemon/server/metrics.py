@@ -46,6 +46,11 @@ class DaemonMetrics:
                                          registry=reg)
         self.prompt_tokens = Counter("helix:prompt_tokens", "Prompt tokens prefilled.",
                                      registry=reg)
+        # vLLM's names and units: prompt tokens looked up in, and served from, the prefix cache
+        self.prefix_queries = Counter("helix:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.", registry=reg)
+        self.prefix_hits = Counter("helix:prefix_cache_hits",
+                                   "Prompt tokens served from the prefix cache.", registry=reg)
         self.request_success = Counter("helix:request_success",
                                        "Finished requests by finish reason or outcome.",
                                        ["finished_reason"], registry=reg)
@@ -76,6 +81,12 @@ class DaemonMetrics:
             self.draft_tokens.inc(proposed)
         if accepted:
             self.accepted_tokens.inc(accepted)
+
+    def add_prefix_cache(self, queried: int, hit: int) -> None:
+        if queried:
+            self.prefix_queries.inc(queried)
+        if hit:
+            self.prefix_hits.inc(hit)
 
     def add_tokens(self, prompt: int, generation: int) -> None:
         if prompt:

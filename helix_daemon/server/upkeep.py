@@ -80,6 +80,9 @@ class Upkeep:
         # draft tokens accepted over proposed, over the engine's life (None: none drafted)
         acceptance = stats.num_draft_accepted / stats.num_draft_proposed \
             if stats and stats.num_draft_proposed else None
+        # prompt tokens served from the prefix cache over those looked up (None: no lookups)
+        hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries \
+            if stats and stats.prefix_cache_queries else None
         beat = p.Heartbeat(
             daemon_id=config.daemon_id, model=config.model,
             device=info.device if info else config.device, queue=config.queue, pid=os.getpid(),
@@ -89,7 +92,8 @@ class Upkeep:
             kv_blocks_total=stats.kv_blocks_total if stats else 0,
             tokens_per_s=round(self._window.close(), 3),
             acceptance_rate=None if acceptance is None else round(acceptance, 6),
-            started_ms=self._started_ms)
+            started_ms=self._started_ms,
+            prefix_cache_hit_rate=None if hit_rate is None else round(hit_rate, 6))
         await self._store.heartbeat(beat, config.heartbeat_ttl_ms, now_ms())
 
     def cancel(self, request_id: str) -> None:

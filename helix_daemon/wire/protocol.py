@@ -143,6 +143,8 @@ class RequestBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     timeout_s: float | None = None  # counted from the enqueue time (the entry id's milliseconds)
     num_speculative_tokens: int | None = None
     result_ttl_s: int | None = None
+    prefix_caching: bool = True  # false: this request neither reuses nor offers cached blocks
+    cache_salt: str | None = None  # only requests with the same salt share cached blocks
 
 
 class BadEntryError(Exception):
@@ -263,7 +265,8 @@ def to_request_params(body: RequestBody) -> RequestParams:
     params = RequestParams(max_tokens=body.max_tokens, sampling=sampling, stop=tuple(body.stop),
                            stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
                            priority=body.priority,
-                           num_speculative_tokens=body.num_speculative_tokens)
+                           num_speculative_tokens=body.num_speculative_tokens,
+                           prefix_caching=body.prefix_caching, cache_salt=body.cache_salt)
     params.validate()
     return params
 
@@ -285,6 +288,7 @@ def _check_chat(body: RequestBody) -> None:
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (this attempt)
 
 
 class Timings(msgspec.Struct):
@@ -383,3 +387,4 @@ class Heartbeat(msgspec.Struct):
     tokens_per_s: float
     acceptance_rate: float | None
     started_ms: int
+    prefix_cache_hit_rate: float | None = None  # cached / looked-up prompt tokens, daemon's life
