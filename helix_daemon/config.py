@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from helix_daemon.engine.config import CPU_LINEAR_CHOICES, EngineConfig
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES, QUANTIZATION_CHOICES, EngineConfig
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
 
 ENV_PREFIX = "HELIX_"
@@ -51,6 +51,7 @@ class DaemonConfig:
     adaptive_speculation: bool = True
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
+    quantization: str = "none"  # one of QUANTIZATION_CHOICES (weight-only; draft follows)
     # Run the engine in a child process, so its Python never waits for the event loop's GIL
     # (False: a thread of the daemon, as when a caller hands the daemon a built engine).
     engine_process: bool = True
@@ -85,6 +86,9 @@ class DaemonConfig:
         if self.cpu_linear not in CPU_LINEAR_CHOICES:
             raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, "
                              f"got {self.cpu_linear!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
+                             f"got {self.quantization!r}")
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
                   "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:
@@ -118,7 +122,8 @@ class DaemonConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             num_speculative_tokens=self.num_speculative_tokens,
                             adaptive_speculation=self.adaptive_speculation,
-                            cpu_linear=self.cpu_linear, torch_threads=self.torch_threads,
+                            cpu_linear=self.cpu_linear, quantization=self.quantization,
+                            torch_threads=self.torch_threads,
                             model_cache_dir=self.model_cache_dir or None)
 
     @property

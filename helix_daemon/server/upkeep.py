@@ -89,7 +89,9 @@ class Upkeep:
             kv_blocks_total=stats.kv_blocks_total if stats else 0,
             tokens_per_s=round(self._window.close(), 3),
             acceptance_rate=None if acceptance is None else round(acceptance, 6),
-            started_ms=self._started_ms)
+            started_ms=self._started_ms,
+            weight_bytes=info.weight_bytes if info else 0,
+            quantization=info.quantization if info else "none")
         await self._store.heartbeat(beat, config.heartbeat_ttl_ms, now_ms())
 
     def cancel(self, request_id: str) -> None:

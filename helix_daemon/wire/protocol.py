@@ -383,3 +383,6 @@ class Heartbeat(msgspec.Struct):
     tokens_per_s: float
     acceptance_rate: float | None
     started_ms: int
+    # defaulted: a beat from a daemon that predates them still decodes
+    weight_bytes: int = 0  # the weights in memory (target and draft model)
+    quantization: str = "none"  # none | int8 | int4: weight-only quantized linear layers
