@@ -83,12 +83,8 @@ class DaemonConfig:
             raise ValueError("max_waiting must be >= 0")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
-        if self.cpu_linear not in CPU_LINEAR_CHOICES:
-            raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, "
-                             f"got {self.cpu_linear!r}")
-        if self.quantization not in QUANTIZATION_CHOICES:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
-                             f"got {self.quantization!r}")
+        _one_of(self, "cpu_linear", CPU_LINEAR_CHOICES)
+        _one_of(self, "quantization", QUANTIZATION_CHOICES)
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
                   "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:
@@ -143,6 +139,12 @@ class DaemonConfig:
                 values[field.name] = _parse(field.name, raw, hints[field.name])
         values.update(overrides)
         return cls(**values)
+
+
+def _one_of(config: DaemonConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, "
+                         f"got {getattr(config, name)!r}")
 
 
 def _positive(config: DaemonConfig, *names: str) -> None:

@@ -23,8 +23,8 @@ from helix_daemon.engine.generators import RequestGenerators
 from helix_daemon.engine.model_drafter import ModelDrafter
 from helix_daemon.engine.model_files import resolve_model
 from helix_daemon.engine.model_runner import ModelRunner
-from helix_daemon.engine.quantized_linear import check_supported, serving_dtype
 from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
+from helix_daemon.engine.quantized_linear import check_supported, serving_dtype
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget

@@ -40,6 +40,9 @@ _INT4_LEVELS = 15  # codes 0..15; the kernel computes (code - 8) * scale + zero
 class Int8Linear(torch.nn.Module):
     """``y = x · (q · s)ᵀ + b`` with ``q`` int8 ``[out, in]`` and one scale ``s`` per output."""
 
+    qweight: torch.Tensor  # buffers: moved with the model, counted by weight_bytes, not trained
+    scale: torch.Tensor
+
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
@@ -59,6 +62,9 @@ class Int8Linear(torch.nn.Module):
 class Int4Linear(torch.nn.Module):
     """Asymmetric int4 in groups of ``INT4_GROUP`` along the input: ``w = q · s + m`` per group,
     held as the kernel's packed codes and ``[in / group, out, 2]`` (scale, zero) pairs."""
+
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
@@ -89,6 +95,9 @@ class Int4Linear(torch.nn.Module):
 
 class Int8Embedding(torch.nn.Module):
     """An embedding table as int8 rows with one scale per row; looks rows up, then scales them."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, embedding: torch.nn.Embedding, dtype: torch.dtype) -> None:
         super().__init__()
@@ -145,8 +154,8 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> int:
     embeddings = _tied_embedding(model)
     for name, module in swaps.items():
         model.set_submodule(name, module)
-    if embeddings is not None:
-        model.set_input_embeddings(Int8Embedding(embeddings, dtype))
+    if embeddings is not None:  # a PreTrainedModel: _tied_embedding found its accessors
+        model.set_input_embeddings(Int8Embedding(embeddings, dtype))  # type: ignore[operator]
     return len(swaps)
 
 
