@@ -6,7 +6,8 @@ Per row: weight bytes in memory, batch-1 decode tok/s (median step, prefill left
 concurrent chat requests' tok/s (prefill included), each relative to Helix float32, and the
 batch-1 step as a share of the weight-read floor (weight bytes over this machine's measured read
 bandwidth). Run ``python bench/quantized.py [--quick]``; JSON goes to
-``bench/results/quantized.json``. On a shared machine the figures are noisy: read the ratios.
+``bench/results/quantized.json`` (``quantized-quick.json`` with ``--quick``). On a shared
+machine the figures are noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{row['batch1_tok_s'] / base['batch1_tok_s']:>7.2f}{cells}"
               f"{row['floor_share']:>7.0%}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "quantized.json"
+    out = RESULTS / ("quantized-quick.json" if args.quick else "quantized.json")
     report = {"rows": rows, "read_bandwidth_gb_s": bandwidth / 1e9, "tokens": tokens,
               "threads": args.threads, "torch": torch.__version__,
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -107,7 +107,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "measured faster at load) | onednn | blas (F.linear)")
     p.add_argument("--quantization", choices=QUANTIZATION_CHOICES,
                    help="weight-only quantized linear layers: none (default) | int8 (per "
-                        "channel) | int4 (groups of 32, CPU); with --dtype auto on CPU the "
+                        "channel) | int4 (groups of 32); CPU only; with --dtype auto the "
                         "activations are bfloat16")
     p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
                    help="run the engine in a thread of the daemon instead of its own process")
