@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from helix_daemon.engine.config import CPU_LINEAR_CHOICES, EngineConfig
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES, QUANTIZATION_CHOICES, EngineConfig
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
 
 ENV_PREFIX = "HELIX_"
@@ -53,6 +53,7 @@ class DaemonConfig:
     enable_prefix_caching: bool = True
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
+    quantization: str = "none"  # one of QUANTIZATION_CHOICES (weight-only; draft follows)
     # Run the engine in a child process, so its Python never waits for the event loop's GIL
     # (False: a thread of the daemon, as when a caller hands the daemon a built engine).
     engine_process: bool = True
@@ -84,9 +85,8 @@ class DaemonConfig:
             raise ValueError("max_waiting must be >= 0")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
-        if self.cpu_linear not in CPU_LINEAR_CHOICES:
-            raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, "
-                             f"got {self.cpu_linear!r}")
+        _one_of(self, "cpu_linear", CPU_LINEAR_CHOICES)
+        _one_of(self, "quantization", QUANTIZATION_CHOICES)
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
                   "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:
@@ -121,7 +121,8 @@ class DaemonConfig:
                             num_speculative_tokens=self.num_speculative_tokens,
                             adaptive_speculation=self.adaptive_speculation,
                             enable_prefix_caching=self.enable_prefix_caching,
-                            cpu_linear=self.cpu_linear, torch_threads=self.torch_threads,
+                            cpu_linear=self.cpu_linear, quantization=self.quantization,
+                            torch_threads=self.torch_threads,
                             model_cache_dir=self.model_cache_dir or None)
 
     @property
@@ -141,6 +142,12 @@ class DaemonConfig:
                 values[field.name] = _parse(field.name, raw, hints[field.name])
         values.update(overrides)
         return cls(**values)
+
+
+def _one_of(config: DaemonConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, "
+                         f"got {getattr(config, name)!r}")
 
 
 def _positive(config: DaemonConfig, *names: str) -> None:

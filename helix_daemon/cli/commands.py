@@ -112,19 +112,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(status: Any, now_ms: int) -> str:
     lag = "" if status.lag is None else f", {status.lag} not yet delivered"
     lines = [f"queue {status.queue}: {status.length} entries, {status.pending} pending{lag}", ""]
-    header = ("DAEMON", "STATE", "SEEN", "MODEL", "DEVICE", "RUN", "WAIT", "KV USE", "TOK/S",
-              "ACCEPT", "CACHE HIT")
+    header = ("DAEMON", "STATE", "SEEN", "MODEL", "DEVICE", "WEIGHTS", "RUN", "WAIT", "KV USE",
+              "TOK/S", "ACCEPT", "CACHE HIT")
     rows = [header]
     for daemon_id, seen_ms, beat in status.daemons:
         age = f"{max(0, now_ms - seen_ms) / 1000:.0f}s ago"
         if beat is None:
-            rows.append((daemon_id, "gone", age, "-", "-", "-", "-", "-", "-", "-", "-"))
+            rows.append((daemon_id, "gone", age, *["-"] * (len(header) - 3)))
             continue
         kv = beat.kv_blocks_used / beat.kv_blocks_total if beat.kv_blocks_total else 0.0
         accept = "-" if beat.acceptance_rate is None else f"{beat.acceptance_rate:.2f}"
+        weights = f"{beat.weight_bytes / 1e6:.0f} MB" + (
+            f" {beat.quantization}" if beat.quantization != "none" else "")
         hits = "-" if beat.prefix_cache_hit_rate is None else f"{beat.prefix_cache_hit_rate:.0%}"
         rows.append((daemon_id, "alive", age, Path(beat.model).name or beat.model, beat.device,
-                     str(beat.running), str(beat.waiting),
+                     weights, str(beat.running), str(beat.waiting),
                      f"{kv:.0%} ({beat.kv_blocks_used}/{beat.kv_blocks_total})",
                      f"{beat.tokens_per_s:.1f}", accept, hits))
     if len(rows) == 1:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from helix_daemon.client.core import DEFAULT_URL
-from helix_daemon.engine.config import CPU_LINEAR_CHOICES
+from helix_daemon.engine.config import CPU_LINEAR_CHOICES, QUANTIZATION_CHOICES
 from helix_daemon.logs import configure_logging
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE
 
@@ -110,6 +110,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const",
                    const=False, help="prefill every prompt from scratch (default: reuse the KV "
                                      "of prompt blocks seen before)")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES,
+                   help="weight-only quantized linear layers: none (default) | int8 (per "
+                        "channel) | int4 (groups of 32); CPU only; with --dtype auto the "
+                        "activations are bfloat16")
     p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
                    help="run the engine in a thread of the daemon instead of its own process")
 

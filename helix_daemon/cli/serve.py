@@ -27,7 +27,8 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> DaemonConfig:
         "num_speculative_tokens": args.num_speculative_tokens,
         "torch_threads": args.torch_threads, "engine_process": args.engine_process,
         "enable_prefix_caching": args.enable_prefix_caching,
-        "cpu_linear": args.cpu_linear, "model_cache_dir": args.model_cache_dir,
+        "cpu_linear": args.cpu_linear, "quantization": args.quantization,
+        "model_cache_dir": args.model_cache_dir,
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     shared = {"queue": (args.queue, DEFAULT_QUEUE), "key_prefix": (args.prefix, DEFAULT_PREFIX),

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 # How linear layers run on CPU (engine/cpu_linear.py): measured at load, oneDNN on packed
 # weights, or F.linear (the BLAS torch was built with)
 CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
+# Weight-only quantization of the linear layers (engine/quantized_linear.py)
+QUANTIZATION_CHOICES = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
+    # one of QUANTIZATION_CHOICES; a draft model follows the target's
+    quantization: str = "none"
     # CPU threads of torch's kernels (process-wide); None = torch's default. Fewer than the
     # cores leaves a core to the daemon's event loop and Redis.
     torch_threads: int | None = None

@@ -6,6 +6,7 @@ It runs in one thread; the daemon feeds it requests and drains its outputs betwe
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from helix_daemon.engine.model_drafter import ModelDrafter
 from helix_daemon.engine.model_files import resolve_model
 from helix_daemon.engine.model_runner import ModelRunner
 from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
+from helix_daemon.engine.quantized_linear import check_supported, serving_dtype
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget
@@ -34,6 +36,8 @@ from scheduler.rejection import accept_greedy, rejection_sample
 from scheduler.sampling import sample, shape_probs
 from scheduler.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SeqUpdate, StepPlan
 from scheduler.speculation import AdaptiveDraftPolicy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -109,8 +113,13 @@ class Engine:
         model = resolve_model(config.model, config.model_cache_dir).path
         draft = resolve_model(config.draft, config.model_cache_dir).path
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        target = ModelRunner(model, dtype, device, config.cpu_linear)
+        check_supported(config.quantization, device)
+        quantized_dtype = serving_dtype(config.quantization, device)
+        dtype = quantized_dtype if config.dtype == "auto" and quantized_dtype \
+            else resolve_dtype(config.dtype, device)
+        target = ModelRunner(model, dtype, device, config.cpu_linear, config.quantization)
+        log.info("weights: %.1f MB in memory (%s, quantization %s)",
+                 target.weight_bytes / 1e6, dtype, config.quantization)
         tokenizer = AutoTokenizer.from_pretrained(model)
         generators = RequestGenerators(device, config.seed)
         drafter = _make_drafter(draft, target, tokenizer, generators)
@@ -119,7 +128,8 @@ class Engine:
     def info(self) -> EngineInfo:
         return EngineInfo(device=str(self.device), kv_blocks=self.allocator.num_blocks,
                           kv_block_size=self.config.block_size, kv_bytes=self.kv_cache_bytes,
-                          linear_form=self.target.linear_form)
+                          linear_form=self.target.linear_form,
+                          weight_bytes=self.weight_bytes, quantization=self.config.quantization)
 
     def _blocks_for_budget(self) -> int:
         specs = [self.target.kv_spec] + ([self.drafter.kv_spec] if self.drafter
@@ -304,6 +314,12 @@ class Engine:
             prefix_cache_hits=s.prefix.num_hit_tokens if s.prefix else 0,
             kv_blocks_cached=cache.num_cached if cache is not None else 0,
         )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory: the target's plus the draft model's, if any."""
+        runners = [self.target, getattr(self.drafter, "runner", None)]
+        return sum(r.weight_bytes for r in runners if isinstance(r, ModelRunner))
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -43,7 +43,8 @@ class ModelDrafter:
             raise DraftModelMismatch(
                 f"draft model {name!r} has a different tokenizer vocabulary from the target; "
                 "speculative decoding needs the same tokenizer")
-        runner = ModelRunner(name, target.dtype, target.device, target.cpu_linear)
+        runner = ModelRunner(name, target.dtype, target.device, target.cpu_linear,
+                             target.quantization)  # the draft follows the target
         if runner.vocab_size > target.vocab_size:
             raise DraftModelMismatch(
                 f"draft vocabulary ({runner.vocab_size}) is larger than the target's "

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from helix_daemon.engine.cpu_linear import choose_linears
+from helix_daemon.engine.quantized_linear import quantize_model, weight_bytes
 from kvpool.attention import AttentionMetadata, paged_attention, write_kv
 from kvpool.kv_cache import KVCacheSpec, PagedKVCache
 
@@ -91,16 +92,21 @@ class ModelRunner:
 
     ``cpu_linear`` (CPU only): ``auto`` runs the linear layers through oneDNN on packed weights
     when that measures faster at load (``cpu_linear.py``), ``onednn`` always, ``blas`` never.
+    ``quantization``: ``int8`` or ``int4`` swaps the linear layers for weight-only quantized
+    ones first (``quantized_linear.py``); oneDNN packing then sees only the layers left dense.
     """
 
     def __init__(self, model: str, dtype: torch.dtype, device: torch.device,
-                 cpu_linear: str = "auto") -> None:
+                 cpu_linear: str = "auto", quantization: str = "none") -> None:
         self.model = load_causal_lm(model, dtype, device)
         self.config = self.model.config
         self.dtype = dtype
         self.device = device
         self.num_params = sum(p.numel() for p in self.model.parameters())  # before packing
         self.cpu_linear = cpu_linear
+        self.quantization = quantization
+        quantize_model(self.model, quantization)
+        self.weight_bytes = weight_bytes(self.model)  # before oneDNN packing hides the bytes
         # the form in use: "onednn" or "blas" on CPU, None elsewhere
         self.linear_form = choose_linears(self.model, cpu_linear) \
             if device.type == "cpu" else None

@@ -54,3 +54,5 @@ class EngineInfo:
     kv_block_size: int
     kv_bytes: int
     linear_form: str | None  # CPU: "onednn" or "blas" (cpu_linear.py); None on other devices
+    weight_bytes: int = 0  # the weights in memory, target and draft model
+    quantization: str = "none"  # engine/quantized_linear.py

@@ -171,7 +171,8 @@ class Daemon:
         self.log.info("daemon started", queue=self.config.queue, model=self.config.model,
                       engine=type(self._handle).__name__, device=info.device,
                       kv_blocks=info.kv_blocks, kv_block_size=info.kv_block_size,
-                      kv_bytes=info.kv_bytes, linear_form=info.linear_form)
+                      kv_bytes=info.kv_bytes, linear_form=info.linear_form,
+                      weight_bytes=info.weight_bytes, quantization=info.quantization)
         self.ready.set()
         return background, pulling
 

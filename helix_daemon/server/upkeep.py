@@ -93,7 +93,9 @@ class Upkeep:
             tokens_per_s=round(self._window.close(), 3),
             acceptance_rate=None if acceptance is None else round(acceptance, 6),
             started_ms=self._started_ms,
-            prefix_cache_hit_rate=None if hit_rate is None else round(hit_rate, 6))
+            prefix_cache_hit_rate=None if hit_rate is None else round(hit_rate, 6),
+            weight_bytes=info.weight_bytes if info else 0,
+            quantization=info.quantization if info else "none")
         await self._store.heartbeat(beat, config.heartbeat_ttl_ms, now_ms())
 
     def cancel(self, request_id: str) -> None:

@@ -388,3 +388,6 @@ class Heartbeat(msgspec.Struct):
     acceptance_rate: float | None
     started_ms: int
     prefix_cache_hit_rate: float | None = None  # cached / looked-up prompt tokens, daemon's life
+    # defaulted: a beat from a daemon that predates them still decodes
+    weight_bytes: int = 0  # the weights in memory (target and draft model)
+    quantization: str = "none"  # none | int8 | int4: weight-only quantized linear layers
