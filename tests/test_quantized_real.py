@@ -93,18 +93,3 @@ def test_perplexity_int8_within_one_percent_of_float32(first_resolve: ResolvedMo
     assert abs(int8 / dense - 1) < 0.01
     assert dense < int4 < dense * 1.5  # coarser weights cost some accuracy, not the model
     assert int4_bytes < 0.3 * dense_bytes
-
-
-def test_bfloat16_int4_batch_equals_each_request_alone(first_resolve: ResolvedModel) -> None:
-    """In bfloat16 with int4 weights (the configuration ``--quantization int4`` serves on CPU),
-    the 8 conversations in one continuous batch give each the tokens it gets alone: the int4
-    kernel's rows do not depend on what else is in the step."""
-    path = first_resolve.path
-    jobs = _jobs(path)
-    engine = Engine.from_config(EngineConfig(model=path, device="cpu", dtype="bfloat16",
-                                             quantization="int4", num_kv_blocks=256))
-    with one_torch_thread():
-        alone = {j.request_id: run_engine(engine, [Job(j.request_id, j.prompt_ids,
-                                                       j.max_tokens, 0)])[j.request_id]
-                 for j in jobs}
-        assert run_engine(engine, jobs) == alone
