@@ -60,7 +60,7 @@ def test_chat_batch_equals_hf_with_the_same_quantization(
         first_resolve: ResolvedModel, quantization: str, dtype: str) -> None:
     """Two conversations (a question, a copy-heavy one), arriving a step apart into one batch,
     with and without n-gram drafts, give each request exactly what HF ``generate`` gives it
-    alone on the same quantized model in the same dtype; the answers are real text."""
+    alone on the same quantized model in the same dtype; int8's answer is real text."""
     path = first_resolve.path
     jobs = _jobs(path, EXACT_JOBS, EXACT_TOKENS)
     with one_torch_thread():
@@ -71,10 +71,10 @@ def test_chat_batch_equals_hf_with_the_same_quantization(
                 model=path, draft=draft, device="cpu", dtype=dtype, quantization=quantization,
                 num_kv_blocks=256, adaptive_speculation=False))
             assert run_engine(engine, jobs) == reference, draft
-    # int8 answers "Paris"; int4's coarser weights may not (it named "L'Étoile" once), but the
-    # answer stays on topic
-    answer = AutoTokenizer.from_pretrained(path).decode(reference["c0"])
-    assert any(word in answer for word in ("Paris", "France", "capital"))
+    if quantization == "int8":  # int4's coarser weights name "L'Étoile" first (perplexity
+        # test: +5.8 %), so only int8's first words are checked
+        answer = AutoTokenizer.from_pretrained(path).decode(reference["c0"])
+        assert "Paris" in answer
 
 
 def test_perplexity_int8_within_one_percent_of_float32(first_resolve: ResolvedModel) -> None:
