@@ -43,8 +43,13 @@ def _dense(path: str) -> torch.nn.Module:
 
 
 def hf_greedy(path: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """HF ``generate`` of one request alone, cut after its first EOS as Helix stops there."""
-    model = _dense(path)
+    """HF ``generate`` of one request alone (float64), cut after its first EOS."""
+    return model_greedy(_dense(path), prompt_ids, max_tokens)
+
+
+def model_greedy(model: torch.nn.Module, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """``model.generate`` of one request alone, greedy, cut after its first EOS as Helix stops
+    there."""
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=0)

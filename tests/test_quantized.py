@@ -17,7 +17,7 @@ from helix_daemon.engine.quantized_linear import (
     weight_bytes,
 )
 from helix_daemon.testing.tiny_models import build_draft_target_pair
-from tests.engine_utils import make_engine, mixed_jobs, run_engine
+from tests.engine_utils import make_engine, mixed_jobs, model_greedy, run_engine
 from tests.tiny import tiny_model
 
 LLAMA = {"num_heads": 4, "num_kv_heads": 2, "hidden_size": 64}
@@ -34,13 +34,7 @@ def _quantized_hf(path: str, quantization: str, dtype: torch.dtype) -> torch.nn.
 def hf_quantized_greedy(path: str, quantization: str, prompt_ids: list[int], max_tokens: int,
                         dtype: torch.dtype = torch.float32) -> list[int]:
     """HF ``generate`` of one request alone on the model with the same quantized modules."""
-    model = _quantized_hf(path, quantization, dtype)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=0)
-    tokens = out[0, len(prompt_ids):].tolist()
-    eos = model.generation_config.eos_token_id
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+    return model_greedy(_quantized_hf(path, quantization, dtype), prompt_ids, max_tokens)
 
 
 @functools.cache
