@@ -1,6 +1,8 @@
-"""Automatic prefix caching: Helix with the cache on against the same engine with it off.
+"""Automatic prefix caching: Helix with the cache on against the same engine with it off, and
+against Hugging Face's continuous batching (what ``generate_batch`` runs) with its block sharing on.
 
-Three workloads, one seeded random-weight Llama, greedy, float32 on CPU, same process:
+Three workloads, one model (a seeded random-weight Llama, or a real one with ``--model``; prompts
+are random tokens of its vocabulary either way), greedy, float32 on CPU, same process:
 
 - ``shared_system``: chat requests sharing one long system prompt, each with its own user turn,
   arriving over time (Poisson);
@@ -9,15 +11,17 @@ Three workloads, one seeded random-weight Llama, greedy, float32 on CPU, same pr
 - ``no_shared``: prompts with nothing in common (the cache can only cost here).
 
 For each: TTFT p50/p99 (from a request's arrival), generated tokens per second of wall time,
-hit rate (prompt tokens served from the cache / looked up), peak KV blocks held, and whether
-the outputs equal the cache-off run token for token. Run ``python bench/prefix_cache.py
-[--quick]``; results go to ``bench/results/prefix_cache[-quick].json``.
+hit rate (prompt tokens served from the cache / looked up; HF does not report one), peak KV
+blocks held, and whether the outputs equal Helix's cache-off run token for token. Run
+``python bench/prefix_cache.py [--quick] [--model X.gguf]``; results go to
+``bench/results/prefix_cache[-quick|-<model>].json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -37,11 +41,13 @@ from bench.common import (
     FULL_MODEL,
     QUICK_MODEL,
     BenchRequest,
-    ModelSpec,
     RequestTrace,
     build_model,
     latency_summary,
+    load_hf_model,
+    real_model,
 )
+from bench.throughput import start_hf_manager
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # a follow-up turn, given the finished request's id and output (None: the conversation ends)
@@ -199,6 +205,48 @@ def run(engine: Any, workload: Workload) -> Run:
     return result
 
 
+def run_hf(model: torch.nn.Module, workload: Workload, args: argparse.Namespace) -> Run:
+    """The same feed through HF's continuous-batching manager with ``allow_block_sharing`` on
+    (its prefix cache), in the same KV budget; token times are HF's own timestamps."""
+    first = sorted(workload.first, key=lambda r: r.arrival_s)
+    manager, sampler = start_hf_manager(model, max(r.max_tokens for r in first), args.kv_blocks,
+                                        args.max_batched_tokens, args.max_seqs,
+                                        block_sharing=True)
+    result, finished = Run(), 0
+    try:
+        start = time.perf_counter()
+        pending = [(start + r.arrival_s, r) for r in first]
+        while pending or finished < len(result.traces):
+            now = time.perf_counter()
+            while pending and pending[0][0] <= now:
+                arrival, req = pending.pop(0)
+                result.traces[req.request_id] = RequestTrace(arrival)
+                manager.add_request(req.prompt_ids, request_id=req.request_id,
+                                    max_new_tokens=req.max_tokens, record_timestamps=True,
+                                    eos_token_id=-1)
+            next_at = pending[0][0] if pending else now + 0.5
+            out = manager.get_result(timeout=max(1e-3, min(0.5, next_at - now)))
+            if out is None:
+                if not manager.is_running():
+                    raise RuntimeError("HF continuous batching loop died")
+                continue
+            if not out.is_finished():
+                continue
+            finished += 1
+            trace = result.traces[out.request_id]
+            trace.tokens, trace.token_times = list(out.generated_tokens), list(out.timestamps)
+            nxt = workload.follow_up(out.request_id, trace.tokens) if workload.follow_up else None
+            if nxt is not None:
+                pending.append((time.perf_counter(), nxt))
+                pending.sort(key=lambda p: p[0])
+        result.seconds = max(t.token_times[-1] for t in result.traces.values()) - start
+    finally:
+        manager.stop(block=True, timeout=30)
+        manager.destroy()
+    result.peak_kv_blocks = sampler.peak_blocks
+    return result
+
+
 def summarize(result: Run) -> dict[str, Any]:
     tokens = sum(len(t.tokens) for t in result.traces.values())
     latency = latency_summary(result.traces.values())
@@ -212,65 +260,93 @@ def summarize(result: Run) -> dict[str, Any]:
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    spec: ModelSpec = QUICK_MODEL if args.quick else FULL_MODEL
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    path = build_model(spec, args.cache_dir)
+    if args.model:
+        path, spec = real_model(args.model, args.cache_dir)
+    else:
+        spec = QUICK_MODEL if args.quick else FULL_MODEL
+        path = build_model(spec, args.cache_dir)
     builders = {"shared_system": shared_system, "multi_turn": multi_turn,
                 "no_shared": no_shared}
+    methods = args.methods.split(",")
     report: dict[str, Any] = {"model": spec.name, "quick": args.quick, "sizes": asdict(sizes),
                               "host": platform.processor() or platform.machine(),
                               "threads": args.threads, "torch": torch.__version__,
-                              "repeats": args.repeats,
+                              "transformers": transformers.__version__,
+                              "repeats": args.repeats, "methods": methods,
                               "kv_blocks": args.kv_blocks, "workloads": {}}
     for name in args.workloads.split(","):
         rows: dict[str, Any] = {}
         outputs: dict[str, dict[str, list[int]]] = {}
         # methods alternate; on a shared machine the best of the repeats is the least disturbed
         for _ in range(args.repeats):
-            for method, caching in (("cache_off", False), ("cache_on", True)):
-                engine = make_engine(path, caching, args)
-                warm_up(engine, spec.vocab_size)
-                result = run(engine, builders[name](sizes, spec.vocab_size))
+            for method in methods:
+                result = run_method(method, path, builders[name](sizes, spec.vocab_size), args,
+                                    spec.vocab_size)
                 row = summarize(result)
+                row["loadavg_1m"] = os.getloadavg()[0]  # how busy the shared machine was
                 if method not in rows or row["tokens_per_s"] > rows[method]["tokens_per_s"]:
                     rows[method] = row
                 outputs[method] = {rid: t.tokens for rid, t in result.traces.items()}
-                del engine
-        rows["cache_on"]["same_output_as_off"] = outputs["cache_on"] == outputs["cache_off"]
-        rows["ratios"] = ratios(rows["cache_off"], rows["cache_on"])
+        for method in methods:
+            if method != "cache_off" and "cache_off" in outputs:
+                rows[method]["same_output_as_off"] = outputs[method] == outputs["cache_off"]
+        rows["ratios"] = ratios(rows)
         report["workloads"][name] = rows
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2))  # kept if a later workload dies
-        print_table(name, rows)
+        print_table(name, rows, methods)
     return report
 
 
-def ratios(off: dict[str, Any], on: dict[str, Any]) -> dict[str, float]:
-    return {"ttft_p50_off_over_on": off["ttft_p50_ms"] / on["ttft_p50_ms"],
-            "ttft_p99_off_over_on": off["ttft_p99_ms"] / on["ttft_p99_ms"],
-            "throughput_on_over_off": on["tokens_per_s"] / off["tokens_per_s"]}
+def run_method(method: str, path: Path, workload: Workload, args: argparse.Namespace,
+               vocab: int) -> Run:
+    if method == "hf_continuous":
+        model = load_hf_model(path)
+        return run_hf(model, workload, args)
+    engine = make_engine(path, method == "cache_on", args)
+    warm_up(engine, vocab)
+    return run(engine, workload)
 
 
-def print_table(name: str, rows: dict[str, Any]) -> None:
+def ratios(rows: dict[str, Any]) -> dict[str, float]:
+    """Cache on against cache off, and Helix (cache on) against HF, where both ran."""
+    out: dict[str, float] = {}
+    on = rows.get("cache_on")
+    for base in ("cache_off", "hf_continuous"):
+        if on and base in rows:
+            out[f"ttft_p50_{base}_over_on"] = rows[base]["ttft_p50_ms"] / on["ttft_p50_ms"]
+            out[f"ttft_p99_{base}_over_on"] = rows[base]["ttft_p99_ms"] / on["ttft_p99_ms"]
+            out[f"throughput_on_over_{base}"] = on["tokens_per_s"] / rows[base]["tokens_per_s"]
+    return out
+
+
+def print_table(name: str, rows: dict[str, Any], methods: Sequence[str]) -> None:
     print(f"\n{name}")
     header = ("method", "TTFT p50 ms", "TTFT p99 ms", "tok/s", "hit rate", "peak blocks",
               "preempt", "same as off")
-    print("  ".join(f"{h:>12}" for h in header))
-    for method in ("cache_off", "cache_on"):
+    print("  ".join(f"{h:>13}" for h in header))
+    for method in methods:
         r = rows[method]
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
         cells = (method, f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}",
                  f"{r['tokens_per_s']:.1f}", hit, str(r["peak_kv_blocks"]),
                  str(r["preemptions"]), str(r.get("same_output_as_off", "")))
-        print("  ".join(f"{c:>12}" for c in cells))
+        print("  ".join(f"{c:>13}" for c in cells))
     q = rows["ratios"]
-    print(f"  TTFT p50 {q['ttft_p50_off_over_on']:.2f}x lower, p99 "
-          f"{q['ttft_p99_off_over_on']:.2f}x, throughput {q['throughput_on_over_off']:.2f}x")
+    for base in ("cache_off", "hf_continuous"):
+        if f"ttft_p50_{base}_over_on" in q:
+            print(f"  cache on vs {base}: TTFT p50 {q[f'ttft_p50_{base}_over_on']:.2f}x lower, "
+                  f"p99 {q[f'ttft_p99_{base}_over_on']:.2f}x, throughput "
+                  f"{q[f'throughput_on_over_{base}']:.2f}x")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, small workloads")
+    parser.add_argument("--model", help="a real model (folder or .gguf) instead of the random one")
+    parser.add_argument("--methods", default="cache_off,cache_on,hf_continuous",
+                        help="comma-separated subset of cache_off,cache_on,hf_continuous")
     parser.add_argument("--workloads", default="shared_system,multi_turn,no_shared")
     parser.add_argument("--kv-blocks", type=int, default=None,
                         help="KV pool size in blocks (default: 1024 full, 256 quick)")
@@ -286,7 +362,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.kv_blocks is None:
         args.kv_blocks = 256 if args.quick else 1024
     if args.output is None:
-        args.output = RESULTS / ("prefix_cache-quick.json" if args.quick else "prefix_cache.json")
+        suffix = "-quick" if args.quick else f"-{Path(args.model).stem}" if args.model else ""
+        args.output = RESULTS / f"prefix_cache{suffix}.json"
     return args
 
 

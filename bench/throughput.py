@@ -215,12 +215,15 @@ class PagedKVSampler:
 
 
 def start_hf_manager(model: torch.nn.Module, max_new: int, num_blocks: int,
-                     max_batch_tokens: int, max_seqs: int) -> tuple[Any, PagedKVSampler]:
+                     max_batch_tokens: int, max_seqs: int,
+                     block_sharing: bool = False) -> tuple[Any, PagedKVSampler]:
+    """HF's continuous-batching manager, started; ``block_sharing`` is its prefix cache."""
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=-1,
                            pad_token_id=0)
     cb = ContinuousBatchingConfig(page_size=BLOCK_SIZE, num_blocks=num_blocks,
                                   max_batch_tokens=max_batch_tokens,
-                                  max_requests_per_batch=max_seqs, allow_block_sharing=False)
+                                  max_requests_per_batch=max_seqs,
+                                  allow_block_sharing=block_sharing)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
     manager.warmup()  # builds the batch processor before the loop starts, so it can be wrapped
     sampler = PagedKVSampler(manager.batch_processor)
