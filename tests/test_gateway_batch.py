@@ -65,10 +65,10 @@ def _line(custom_id: str, prompt: str, **params: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
 
 
-def _run(client: openai.OpenAI, lines: list[dict[str, Any]]) -> Any:
+def _run(client: openai.OpenAI, lines: list[dict[str, Any]], window: str = "24h") -> Any:
     upload = client.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
     return client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
-                                 completion_window="24h")
+                                 completion_window=window)
 
 
 def _wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 120,
@@ -165,6 +165,70 @@ def test_cancel_ends_the_batch_with_every_line_answered(client: openai.OpenAI,
     assert sorted(a["custom_id"] for a in answered) == sorted(line["custom_id"]
                                                               for line in lines)
     wait_until(lambda: daemon.kv_blocks_used() == 0, 30, "the KV blocks to be freed")
+
+
+OPENAI_STATUSES = {"validating", "in_progress", "finalizing", "completed", "failed", "expired",
+                   "cancelling", "cancelled"}
+
+
+def test_a_batch_past_its_completion_window_expires(client: openai.OpenAI, helix: HelixClient,
+                                                    daemon: ThreadDaemon) -> None:
+    """A batch still running when its (Helix-only, short) window ends is ``expired``: the quick
+    line done in time keeps its answer in the output file (the Redis client's text), the invalid
+    line its 400, and the running, queued and never-enqueued long lines are cancelled (KV blocks
+    freed) and answered ``batch_expired``; clients only ever see OpenAI's statuses. While it runs
+    its input file cannot be deleted (409); unparsable windows are a 400."""
+    for window in ("1 day", "25h", "0s", "24"):
+        with pytest.raises(openai.BadRequestError, match="completion_window"):
+            client.batches.create(input_file_id="file-x", endpoint="/v1/completions",
+                                  completion_window=window)
+    # window 2: long-2 is never enqueued; 4,000 tokens take this daemon well over 3 s (it
+    # makes a few hundred a second on CI's CPUs), so no long line ends in time
+    longs = [f"long-{i}" for i in range(3)]
+    lines = [_line("quick", "Once", max_tokens=2), _line("bad", "x", logprobs=2),
+             *(_line(cid, "Hello", max_tokens=4000, ignore_eos=True) for cid in longs)]
+    batch = _run(client, lines, window="3s")
+    assert batch.expires_at == batch.created_at + 3
+    with pytest.raises(openai.ConflictError):
+        client.files.delete(batch.input_file_id)
+    done, statuses = _wait(client, batch.id)
+    assert set(statuses) <= OPENAI_STATUSES and statuses[-1] == "expired"
+    assert done.expired_at is not None and done.expired_at >= batch.expires_at
+    assert done.request_counts.model_dump() == {"total": 5, "completed": 1, "failed": 4}
+    [quick] = _answers(client, done.output_file_id)
+    direct = helix.result(helix.submit("Once", max_tokens=2, temperature=0), timeout_s=60)
+    assert quick["custom_id"] == "quick"
+    assert quick["response"]["body"]["choices"][0]["text"] == direct.text
+    errors = {a["custom_id"]: a for a in _answers(client, done.error_file_id)}
+    assert sorted(errors) == sorted(["bad", *longs])
+    assert errors["bad"]["response"]["status_code"] == 400
+    for custom_id in longs:
+        assert errors[custom_id]["response"] is None
+        assert errors[custom_id]["error"]["code"] == "batch_expired"
+    wait_until(lambda: daemon.kv_blocks_used() == 0, 30, "the KV blocks to be freed")
+
+
+def test_files_are_listed_paged_and_deleted(client: openai.OpenAI) -> None:
+    """``files.list``: OpenAI's page, newest first (or ``order="asc"``), only the asked
+    ``purpose``, paged by ``limit`` and ``after`` (the SDK's auto-paging yields each file once);
+    ``files.delete``: OpenAI's deleted object, the file gone from the list and from retrieve;
+    an unknown file is a 404."""
+    made = [client.files.create(file=(f"{i}.jsonl", b"{}\n"), purpose="batch").id
+            for i in range(3)]
+    newest_first = [f.id for f in client.files.list(purpose="batch")]
+    assert [i for i in newest_first if i in made] == made[::-1]
+    assert all(f.purpose == "batch" for f in client.files.list(purpose="batch"))
+    assert not set(made) & {f.id for f in client.files.list(purpose="batch_output")}
+    first = client.files.list(purpose="batch", limit=2)
+    assert first.data[0].id == newest_first[0] and len(first.data) == 2 and first.has_more
+    assert [f.id for f in first] == newest_first  # auto-paging: after=<last id>, 2 at a time
+    assert [f.id for f in client.files.list(purpose="batch", order="asc")] == newest_first[::-1]
+    deleted = client.files.delete(made[1])
+    assert (deleted.id, deleted.deleted, deleted.object) == (made[1], True, "file")
+    assert made[1] not in [f.id for f in client.files.list()]
+    for call in (client.files.retrieve, client.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(made[1])
 
 
 def _gateway_process(redis_url: str, prefix: str, port: int, log: Path) -> subprocess.Popen:
