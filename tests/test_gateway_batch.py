@@ -245,7 +245,8 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
                                                           sync_redis: redis.Redis) -> None:
     """The only gateway of a prefix, a real process, takes a batch in progress and is killed
     with SIGKILL; a second replica, started afterwards, takes the lapsed lease and completes the
-    batch: every custom_id answered exactly once, all of them successfully."""
+    batch: every custom_id answered exactly once, all of them successfully. A second batch of
+    the dead gateway, whose short window ends meanwhile, is expired by the new replica."""
     # a prefix of its own (key_prefix): no other replica can take the batch
     own_daemon = start_thread_daemon(str(tiny_model_path), redis_url, key_prefix)
     port = free_port()
@@ -259,17 +260,24 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
             batch = _run(c, lines)
             wait_until(lambda: c.batches.retrieve(batch.id).status == "in_progress", 60,
                        "the first gateway to start the batch")
+            late_lines = [_line(f"late-{i}", "Hello", max_tokens=4000, ignore_eos=True)
+                          for i in range(3)]
+            late = _run(c, late_lines, window="6s")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert first.returncode == -signal.SIGKILL
         # killed mid-batch, holding the lease: nobody has finished its bookkeeping
         assert sync_redis.hget(f"{key_prefix}:b:{{{batch.id}}}", "status") == b"in_progress"
         assert sync_redis.exists(f"{key_prefix}:b:{{{batch.id}}}:lease")
+        assert sync_redis.hget(f"{key_prefix}:b:{{{late.id}}}", "status") in (b"validating",
+                                                                            b"in_progress")
         second = GatewayServer(GatewayConfig(redis_url=redis_url, prefix=key_prefix)).start()
         try:
             with openai.OpenAI(base_url=second.base_url, api_key="x", max_retries=0) as c:
                 done, _ = _wait(c, batch.id)
                 answered = _answers(c, done.output_file_id) + _answers(c, done.error_file_id)
+                late_done, _ = _wait(c, late.id)
+                late_answered = _answers(c, late_done.error_file_id)
         finally:
             second.stop()
     finally:
@@ -282,6 +290,9 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
                                                               for line in lines)
     assert len(answered) == len(lines) and done.error_file_id is None
     assert done.request_counts.completed == len(lines)
+    assert late_done.status == "expired" and late_done.output_file_id is None
+    assert sorted(a["custom_id"] for a in late_answered) == [f"late-{i}" for i in range(3)]
+    assert {a["error"]["code"] for a in late_answered} == {"batch_expired"}
 
 
 def _answers_health(port: int) -> bool:
