@@ -65,10 +65,10 @@ def _line(custom_id: str, prompt: str, **params: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
 
 
-def _run(client: openai.OpenAI, lines: list[dict[str, Any]]) -> Any:
+def _run(client: openai.OpenAI, lines: list[dict[str, Any]], window: str = "24h") -> Any:
     upload = client.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
     return client.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
-                                 completion_window="24h")
+                                 completion_window=window)
 
 
 def _wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 120,
@@ -167,6 +167,70 @@ def test_cancel_ends_the_batch_with_every_line_answered(client: openai.OpenAI,
     wait_until(lambda: daemon.kv_blocks_used() == 0, 30, "the KV blocks to be freed")
 
 
+OPENAI_STATUSES = {"validating", "in_progress", "finalizing", "completed", "failed", "expired",
+                   "cancelling", "cancelled"}
+
+
+def test_a_batch_past_its_completion_window_expires(client: openai.OpenAI, helix: HelixClient,
+                                                    daemon: ThreadDaemon) -> None:
+    """A batch still running when its (Helix-only, short) window ends is ``expired``: the quick
+    line done in time keeps its answer in the output file (the Redis client's text), the invalid
+    line its 400, and the running, queued and never-enqueued long lines are cancelled (KV blocks
+    freed) and answered ``batch_expired``; clients only ever see OpenAI's statuses. While it runs
+    its input file cannot be deleted (409); unparsable windows are a 400."""
+    for window in ("1 day", "25h", "0s", "24"):
+        with pytest.raises(openai.BadRequestError, match="completion_window"):
+            client.batches.create(input_file_id="file-x", endpoint="/v1/completions",
+                                  completion_window=window)
+    # window 2: long-2 is never enqueued; 4,000 tokens take this daemon well over 3 s (it
+    # makes a few hundred a second on CI's CPUs), so no long line ends in time
+    longs = [f"long-{i}" for i in range(3)]
+    lines = [_line("quick", "Once", max_tokens=2), _line("bad", "x", logprobs=2),
+             *(_line(cid, "Hello", max_tokens=4000, ignore_eos=True) for cid in longs)]
+    batch = _run(client, lines, window="3s")
+    assert batch.expires_at == batch.created_at + 3
+    with pytest.raises(openai.ConflictError):
+        client.files.delete(batch.input_file_id)
+    done, statuses = _wait(client, batch.id)
+    assert set(statuses) <= OPENAI_STATUSES and statuses[-1] == "expired"
+    assert done.expired_at is not None and done.expired_at >= batch.expires_at
+    assert done.request_counts.model_dump() == {"total": 5, "completed": 1, "failed": 4}
+    [quick] = _answers(client, done.output_file_id)
+    direct = helix.result(helix.submit("Once", max_tokens=2, temperature=0), timeout_s=60)
+    assert quick["custom_id"] == "quick"
+    assert quick["response"]["body"]["choices"][0]["text"] == direct.text
+    errors = {a["custom_id"]: a for a in _answers(client, done.error_file_id)}
+    assert sorted(errors) == sorted(["bad", *longs])
+    assert errors["bad"]["response"]["status_code"] == 400
+    for custom_id in longs:
+        assert errors[custom_id]["response"] is None
+        assert errors[custom_id]["error"]["code"] == "batch_expired"
+    wait_until(lambda: daemon.kv_blocks_used() == 0, 30, "the KV blocks to be freed")
+
+
+def test_files_are_listed_paged_and_deleted(client: openai.OpenAI) -> None:
+    """``files.list``: OpenAI's page, newest first (or ``order="asc"``), only the asked
+    ``purpose``, paged by ``limit`` and ``after`` (the SDK's auto-paging yields each file once);
+    ``files.delete``: OpenAI's deleted object, the file gone from the list and from retrieve;
+    an unknown file is a 404."""
+    made = [client.files.create(file=(f"{i}.jsonl", b"{}\n"), purpose="batch").id
+            for i in range(3)]
+    newest_first = [f.id for f in client.files.list(purpose="batch")]
+    assert [i for i in newest_first if i in made] == made[::-1]
+    assert all(f.purpose == "batch" for f in client.files.list(purpose="batch"))
+    assert not set(made) & {f.id for f in client.files.list(purpose="batch_output")}
+    first = client.files.list(purpose="batch", limit=2)
+    assert first.data[0].id == newest_first[0] and len(first.data) == 2 and first.has_more
+    assert [f.id for f in first] == newest_first  # auto-paging: after=<last id>, 2 at a time
+    assert [f.id for f in client.files.list(purpose="batch", order="asc")] == newest_first[::-1]
+    deleted = client.files.delete(made[1])
+    assert (deleted.id, deleted.deleted, deleted.object) == (made[1], True, "file")
+    assert made[1] not in [f.id for f in client.files.list()]
+    for call in (client.files.retrieve, client.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(made[1])
+
+
 def _gateway_process(redis_url: str, prefix: str, port: int, log: Path) -> subprocess.Popen:
     code = ("import sys; from helix_daemon.cli.main import main; "
             f"sys.exit(main(['gateway', '--redis-url', {redis_url!r}, '--prefix', {prefix!r}, "
@@ -181,7 +245,8 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
                                                           sync_redis: redis.Redis) -> None:
     """The only gateway of a prefix, a real process, takes a batch in progress and is killed
     with SIGKILL; a second replica, started afterwards, takes the lapsed lease and completes the
-    batch: every custom_id answered exactly once, all of them successfully."""
+    batch: every custom_id answered exactly once, all of them successfully. A second batch of
+    the dead gateway, whose short window ends meanwhile, is expired by the new replica."""
     # a prefix of its own (key_prefix): no other replica can take the batch
     own_daemon = start_thread_daemon(str(tiny_model_path), redis_url, key_prefix)
     port = free_port()
@@ -195,17 +260,24 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
             batch = _run(c, lines)
             wait_until(lambda: c.batches.retrieve(batch.id).status == "in_progress", 60,
                        "the first gateway to start the batch")
+            late_lines = [_line(f"late-{i}", "Hello", max_tokens=4000, ignore_eos=True)
+                          for i in range(3)]
+            late = _run(c, late_lines, window="6s")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert first.returncode == -signal.SIGKILL
         # killed mid-batch, holding the lease: nobody has finished its bookkeeping
         assert sync_redis.hget(f"{key_prefix}:b:{{{batch.id}}}", "status") == b"in_progress"
         assert sync_redis.exists(f"{key_prefix}:b:{{{batch.id}}}:lease")
+        assert sync_redis.hget(f"{key_prefix}:b:{{{late.id}}}", "status") in (b"validating",
+                                                                            b"in_progress")
         second = GatewayServer(GatewayConfig(redis_url=redis_url, prefix=key_prefix)).start()
         try:
             with openai.OpenAI(base_url=second.base_url, api_key="x", max_retries=0) as c:
                 done, _ = _wait(c, batch.id)
                 answered = _answers(c, done.output_file_id) + _answers(c, done.error_file_id)
+                late_done, _ = _wait(c, late.id)
+                late_answered = _answers(c, late_done.error_file_id)
         finally:
             second.stop()
     finally:
@@ -218,6 +290,9 @@ def test_a_batch_survives_its_gateway_killed_with_sigkill(tiny_model_path: Path,
                                                               for line in lines)
     assert len(answered) == len(lines) and done.error_file_id is None
     assert done.request_counts.completed == len(lines)
+    assert late_done.status == "expired" and late_done.output_file_id is None
+    assert sorted(a["custom_id"] for a in late_answered) == [f"late-{i}" for i in range(3)]
+    assert {a["error"]["code"] for a in late_answered} == {"batch_expired"}
 
 
 def _answers_health(port: int) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import redis
@@ -118,23 +118,33 @@ class AsyncHelixClient:
 
         Raises TimeoutError when ``timeout_s`` passes first.
         """
+        async for events in self.stream_batches(request_id, from_seq, block_ms=block_ms,
+                                                timeout_s=timeout_s):
+            for event in events:
+                yield event
+
+    async def stream_batches(self, request_id: str, from_seq: int = 0, *,
+                             block_ms: int = DEFAULT_BLOCK_MS,
+                             timeout_s: float | None = None) -> AsyncGenerator[list[Event], None]:
+        """The events of ``stream``, as the lists that arrived together (one read each): a
+        reader that writes them on (the gateway) makes one write of a burst, not one a token."""
         key = out_key(request_id, self.prefix)
         reader = StreamReader(request_id, from_seq, block_ms, timeout_s)
         # Up to its first events a stream reads on its own: the shared read would first have to
         # be woken and sent again with the new key, which adds to the time to first token.
-        async for event in self._read_alone(key, reader, until_first=True):
-            yield event
+        async for events in self._read_alone(key, reader, until_first=True):
+            yield events
         if reader.finished:
             return
         if not self._mux.is_following(key):  # the usual case: one shared XREAD for all streams
-            async for event in self._mux.follow(key, reader):
-                yield event
+            async for events in self._mux.follow(key, reader):
+                yield events
             return
-        async for event in self._read_alone(key, reader):  # a second reader of one stream
-            yield event
+        async for events in self._read_alone(key, reader):  # a second reader of one stream
+            yield events
 
     async def _read_alone(self, key: str, reader: StreamReader,
-                          until_first: bool = False) -> AsyncIterator[Event]:
+                          until_first: bool = False) -> AsyncIterator[list[Event]]:
         """Blocking XREADs of this stream alone, to its end (or its first events)."""
         while not reader.finished:
             try:
@@ -143,10 +153,10 @@ class AsyncHelixClient:
             except redis.TimeoutError:
                 reply = None  # a socket timeout shorter than the block: same as no news
             events = reader.take(reply)
-            for event in events:
-                yield event
-            if until_first and events:
-                return
+            if events:
+                yield events
+                if until_first:
+                    return
 
     async def result(self, request_id: str, timeout_s: float | None = None) -> RequestResult:
         """Wait for the terminal event and return the whole outcome."""

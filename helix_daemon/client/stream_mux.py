@@ -58,8 +58,9 @@ class StreamMux:
     def is_following(self, key: str) -> bool:
         return key in self._followers
 
-    async def follow(self, key: str, reader: StreamReader) -> AsyncIterator[Event]:
-        """Yield the events of ``key`` that ``reader`` lets through, up to the terminal one.
+    async def follow(self, key: str, reader: StreamReader) -> AsyncIterator[list[Event]]:
+        """Yield the events of ``key`` that ``reader`` lets through, up to the terminal one, in
+        the lists that one read delivered together.
 
         Raises TimeoutError when the reader's deadline passes before the terminal event, and
         whatever the shared read raised (a lost connection, a gap that persists).
@@ -80,10 +81,9 @@ class StreamMux:
                 if isinstance(item, BaseException):
                     raise copy.copy(item)  # one exception object raised in many tasks would
                     # collect every task's traceback
-                for event in item:
-                    yield event
-                    if is_terminal(event):
-                        return
+                yield item  # never empty, and nothing after a terminal event (reader.take)
+                if is_terminal(item[-1]):
+                    return
         finally:
             if timer is not None:
                 timer.cancel()

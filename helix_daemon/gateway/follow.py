@@ -38,40 +38,55 @@ class Submitted:
                 yield item
 
     async def batches(self) -> AsyncGenerator[list[ChoiceEvent], None]:
-        """The same events, those that are ready together as one list: a reader that lags
-        behind (a burst) catches up in fewer, larger writes instead of one per event."""
-        inbox: asyncio.Queue[tuple[int, Event] | BaseException] = asyncio.Queue()
+        """The same events, those that arrived together as one list: a reader that lags behind
+        (a burst) catches up in fewer, larger writes instead of one per event. One choice (the
+        usual request) is read in this task: a task of its own would cost every token a hop
+        through the event loop."""
+        if len(self._open) == 1:
+            [index] = self._open
+            stream = self.client.stream_batches(self.request_ids[index])
+            async with contextlib.aclosing(stream):  # closed with this one, not when collected
+                async for events in stream:
+                    yield self._noted(index, events)
+            return
+        async with contextlib.aclosing(self._merged()) as merged:
+            async for batch in merged:
+                yield batch
+
+    async def _merged(self) -> AsyncGenerator[list[ChoiceEvent], None]:
+        """Several choices: one reader task each, their lists merged as they arrive."""
+        inbox: asyncio.Queue[tuple[int, list[Event]] | BaseException] = asyncio.Queue()
 
         async def pump(index: int) -> None:
             try:
-                async for event in self.client.stream(self.request_ids[index]):
-                    inbox.put_nowait((index, event))
+                async for events in self.client.stream_batches(self.request_ids[index]):
+                    inbox.put_nowait((index, events))
             except Exception as e:  # handed to the consumer, which raises it
                 inbox.put_nowait(e)
 
         tasks = [asyncio.create_task(pump(i)) for i in sorted(self._open)]
-        remaining = len(tasks)
         try:
-            while remaining:
+            while self._open:
                 items = [await inbox.get()]
                 while not inbox.empty():
                     items.append(inbox.get_nowait())
-                batch = []
+                batch: list[ChoiceEvent] = []
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
-                    index, event = item
-                    self._note(index, event)
-                    remaining -= is_terminal(event)
-                    batch.append((self.choices[index], event))
+                    batch += self._noted(*item)
                 yield batch
         finally:
             for task in tasks:
                 task.cancel()
 
-    def _note(self, index: int, event: Event) -> None:
-        if is_terminal(event):
+    def _noted(self, index: int, events: list[Event]) -> list[ChoiceEvent]:
+        """``events`` of choice ``index`` with their choice; a terminal one (always the last)
+        closes it."""
+        if is_terminal(events[-1]):
             self._open.discard(index)
+        choice = self.choices[index]
+        return [(choice, event) for event in events]
 
     @property
     def is_open(self) -> bool:

@@ -121,6 +121,16 @@ def error_line(line: Line, status: int, body: dict[str, Any]) -> str:
     return _line_json(line, status, body)
 
 
+def expired_line(line: Line) -> str:
+    """The answer of a line the completion window ended first, as OpenAI writes it: no
+    response, the ``batch_expired`` error."""
+    return json.dumps({"id": f"batch_req_{line.request_id}", "custom_id": line.custom_id,
+                       "response": None, "error": {
+                           "code": "batch_expired", "message": "This request could not be "
+                           "executed before the completion window expired."}},
+                      ensure_ascii=False)
+
+
 def _line_json(line: Line, status: int, body: dict[str, Any]) -> str:
     return json.dumps({"id": f"batch_req_{line.request_id}", "custom_id": line.custom_id,
                        "response": {"status_code": status, "request_id": line.request_id,

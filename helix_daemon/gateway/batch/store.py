@@ -6,11 +6,16 @@ Keys (``{...}`` is a hash tag): ``<prefix>:b:{<batch_id>}`` (HASH: ``status``, `
 ``<prefix>:b:{<batch_id>}:errors`` (HASH: custom_id -> JSON error of a line that never reached
 the queue), ``<prefix>:batches`` (ZSET: batch id -> creation ms, for listing) and
 ``<prefix>:batches:active`` (SET: batches not yet in a final status).
+
+A batch still running at ``expires_at`` (creation + its ``completion_window``) goes to
+``expiring`` (kept in Redis, so that whichever replica holds the lease next finishes it; the API
+shows it as ``in_progress``, OpenAI's statuses have no ``expiring``) and then ``expired``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -19,6 +24,10 @@ import redis.asyncio as aioredis
 
 FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 BATCH_TTL_S = 30 * 86_400  # a batch object outlives its files (a week) for the record
+# OpenAI accepts only "24h"; shorter windows ("1h", "90m", "30s") are Helix's own. Longer ones
+# would outlive the 7-day input file and the 2-day line results that are sized for 24 h.
+MAX_WINDOW_S = 86_400
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
 _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at",
           "cancelled_at", "expired_at")
 
@@ -45,6 +54,17 @@ return 0
 """
 
 
+def parse_window(text: str) -> int:
+    """The seconds of a ``completion_window`` such as ``"24h"``, ``"90m"`` or ``"30s"``; raise
+    ValueError for anything else, or for a window of 0 or over 24 h."""
+    match = re.fullmatch(r"([0-9]+)([smh])", text)
+    seconds = int(match[1]) * _WINDOW_UNITS[match[2]] if match else 0
+    if not 0 < seconds <= MAX_WINDOW_S:
+        raise ValueError(f"completion_window must be a duration up to 24h such as '24h', '90m' "
+                         f"or '30s', got {text!r}")
+    return seconds
+
+
 class BatchStore:
     """The batch objects of one prefix."""
 
@@ -62,12 +82,14 @@ class BatchStore:
 
     async def create(self, input_file_id: str, endpoint: str, completion_window: str,
                      metadata: dict[str, str] | None) -> dict[str, Any]:
+        """A new batch in ``validating``; ``completion_window`` must have passed
+        ``parse_window``."""
         now = int(time.time())
         batch_id = f"batch_{uuid.uuid4().hex}"
         obj = {"id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None,
                "input_file_id": input_file_id, "completion_window": completion_window,
                "output_file_id": None, "error_file_id": None, "created_at": now,
-               "expires_at": now + 86_400, "metadata": metadata,
+               "expires_at": now + parse_window(completion_window), "metadata": metadata,
                "request_counts": {"total": 0, "completed": 0, "failed": 0}}
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(batch_id), mapping={"status": "validating",

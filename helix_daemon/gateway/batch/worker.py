@@ -4,7 +4,9 @@ validating -> (lines checked) -> in_progress -> (lines enqueued, at most ``windo
 in the queue at once, so that a large batch never stands in front of interactive requests in
 the first-in-first-out queue; all lines ended) -> finalizing -> (output and error files
 written) -> completed; a bad input file -> failed; cancelling -> (open lines cancelled, lines
-not yet enqueued never will be, all ended, files written) -> cancelled. Every step can be
+not yet enqueued never will be, all ended, files written) -> cancelled; in_progress past
+``expires_at`` -> expiring -> (open lines cancelled, files written at once, every line not done
+answered ``batch_expired``) -> expired. Every step can be
 repeated from the state in Redis (ids are derived, files named after the batch), so a replica
 that dies mid-step leaves nothing another one cannot redo.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any
 
@@ -24,6 +27,7 @@ from helix_daemon.gateway.batch.lines import (
     BatchFileError,
     Line,
     error_line,
+    expired_line,
     output_line,
     parse_input,
 )
@@ -75,8 +79,14 @@ class BatchWorker:
         if batch is None:
             return
         status = batch["status"]
+        if status == "in_progress" and time.time() >= batch["expires_at"]:
+            if not await self.batches.transition(batch_id, "expiring", "in_progress"):
+                return  # cancelled meanwhile: the next round goes on from there
+            status = "expiring"
         if status == "validating":
             await self._start(batch_id, batch["input_file_id"], batch["endpoint"])
+        elif status == "expiring":
+            await self._expire(batch_id, batch["input_file_id"], batch["endpoint"])
         elif status in ("in_progress", "finalizing", "cancelling"):
             await self._follow(batch_id, batch["input_file_id"], batch["endpoint"], status)
         else:
@@ -154,6 +164,21 @@ class BatchWorker:
         await self.batches.transition(batch_id, final, "finalizing", "cancelling")
         self._parsed.pop(batch_id, None)
 
+    async def _expire(self, batch_id: str, input_file_id: str, endpoint: str) -> None:
+        """Cancel the lines still in the queue, then end the batch at once: unlike a cancel it
+        does not wait for daemons to confirm (a batch often expires because none is left)."""
+        lines = await self._lines(batch_id, input_file_id, endpoint)
+        errors = await self.batches.line_errors(batch_id)
+        queued = [line for line in lines if line.custom_id not in errors]
+        for line, state in zip(queued, await self._states(queued)):
+            if state not in TERMINAL_STATES | {None}:
+                await self.client.cancel(line.request_id)
+        # read again: a line that finished before its cancel arrived keeps its answer
+        states = dict(zip((line.request_id for line in queued), await self._states(queued)))
+        await self._write_files(batch_id, lines, errors, states, expired=True)
+        await self.batches.transition(batch_id, "expired", "expiring")
+        self._parsed.pop(batch_id, None)
+
     async def _states(self, lines: list[Line]) -> list[str | None]:
         async with self.client.redis.pipeline(transaction=False) as pipe:
             for line in lines:
@@ -163,10 +188,13 @@ class BatchWorker:
 
     async def _write_files(self, batch_id: str, lines: list[Line],
                            errors: dict[str, dict[str, Any]],
-                           states: dict[str, str | None]) -> None:
-        """The output and error files, in input order, every custom_id in exactly one."""
+                           states: dict[str, str | None], expired: bool = False) -> None:
+        """The output and error files, in input order, every custom_id in exactly one. In an
+        expired batch a line that did not end by itself (cancelled, still open, never sent)
+        is answered ``batch_expired``."""
+        answered = {"done", "error"} if expired else TERMINAL_STATES
         results = await self._results([line for line in lines
-                                       if states.get(line.request_id) in TERMINAL_STATES])
+                                       if states.get(line.request_id) in answered])
         good: list[str] = []
         bad: list[str] = []
         for line in lines:
@@ -176,6 +204,8 @@ class BatchWorker:
             elif line.request_id in results:
                 ok, text = output_line(line, results[line.request_id])
                 (good if ok else bad).append(text)
+            elif expired:
+                bad.append(expired_line(line))
             else:
                 bad.append(error_line(line, *_NEVER_RAN))
         changes: dict[str, object] = {"request_counts": {
