@@ -239,8 +239,9 @@ def run_hf_continuous(model: torch.nn.Module, requests: Sequence[BenchRequest], 
     takes per-request budgets, so requests join the running batch as they arrive.
     """
     pending = deque(sorted(requests, key=lambda r: r.arrival_s))
+    # block sharing (HF's prefix cache, on by default) on, as Helix's prefix cache is
     manager, sampler = start_hf_manager(model, max(r.max_tokens for r in requests), num_blocks,
-                                        max_batch_tokens, max_seqs)
+                                        max_batch_tokens, max_seqs, block_sharing=True)
     results: dict[str, Any] = {}
     try:
         start = time.perf_counter()
