@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
-
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class TokenConstraint(Protocol):
@@ -64,17 +63,17 @@ def allocate_bitmask(rows: int, vocab: int) -> torch.Tensor:
     return torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32)
 
 
-def apply_bitmask(logits: torch.Tensor, rows: Sequence[int],
-                  bitmask: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the disallowed tokens of ``rows`` (one bitmask row each) set to -inf.
-
-    Out of place: the forward's logits are inference tensors."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[N, V]`` with the tokens ``bitmask`` ``[N, W]`` disallows set to -inf (out of
+    place: the forward's logits are inference tensors). Ids past ``32 W`` stay as they are."""
     vocab = logits.shape[-1]
-    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1  # [R, W, 32]; bit j of word w is token 32w+j
-    allowed = bits.reshape(len(rows), -1)[:, :vocab].to(logits.device, torch.bool)
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
-    return logits.index_copy(0, index, masked)
+    # numpy unpacks bits fastest (C); little-endian words make bit t%32 of word t//32 token t
+    bits = np.unpackbits(bitmask.numpy().astype("<i4", copy=False).view(np.uint8), axis=1,
+                         bitorder="little")[:, :vocab]
+    allowed = torch.from_numpy(bits).to(logits.device, torch.bool)
+    if allowed.shape[-1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]), value=True)
+    return torch.where(allowed, logits, float("-inf"))
 
 
 def fill_along(constraint: TokenConstraint, drafts: Sequence[int], bitmask: torch.Tensor,
@@ -102,29 +101,24 @@ def _advance(constraint: TokenConstraint, drafts: Sequence[int]) -> int:
 
 def mask_rows(items: Sequence[Drafted], logits: torch.Tensor,
               with_drafts: bool) -> torch.Tensor:
-    """Mask the logits of every constrained item; unconstrained rows cost nothing.
+    """Mask the logits of every constrained item; without one, nothing is done at all.
 
     ``with_drafts``: each item owns ``len(draft_token_ids) + 1`` consecutive rows (verification);
-    else one row each, the position after its drafts so far (a draft model's next pass).
+    else one row each, the position after its drafts so far (a draft model's next pass). The
+    rows of unconstrained items keep an all-allowed mask.
     """
-    rows: list[int] = []
-    constrained: list[tuple[TokenConstraint, list[int], int]] = []
+    if all(item.constraint is None for item in items):
+        return logits
+    bitmask = allocate_bitmask(logits.shape[0], logits.shape[-1])
     row = 0
     for item in items:
-        width = len(item.draft_token_ids) + 1 if with_drafts else 1
-        if item.constraint is not None:
-            constrained.append((item.constraint, item.draft_token_ids, len(rows)))
-            rows += range(row, row + width)
-        row += width
-    if not constrained:
-        return logits
-    bitmask = allocate_bitmask(len(rows), logits.shape[-1])
-    for constraint, drafts, first in constrained:
-        if with_drafts:
-            fill_along(constraint, drafts, bitmask, first)
-        else:
-            _fill_after(constraint, drafts, bitmask, first)
-    return apply_bitmask(logits, rows, bitmask)
+        constraint = item.constraint
+        if constraint is not None and with_drafts:
+            fill_along(constraint, item.draft_token_ids, bitmask, row)
+        elif constraint is not None:
+            _fill_after(constraint, item.draft_token_ids, bitmask, row)
+        row += len(item.draft_token_ids) + 1 if with_drafts else 1
+    return apply_bitmask(logits, bitmask)
 
 
 def _fill_after(constraint: TokenConstraint, drafts: Sequence[int], bitmask: torch.Tensor,
