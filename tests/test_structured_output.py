@@ -194,6 +194,23 @@ def test_resumed_output_rebuilds_the_matcher() -> None:
     assert list(errors) == ["refused"] and "does not match" in errors["refused"]
 
 
+def test_abort_while_waiting_for_the_grammar(tiny_model_path: Path) -> None:
+    """A constrained request waits outside the scheduler until a step admits it with its
+    grammar: its id is taken meanwhile, and an abort then ends it with ``abort`` at the next
+    step, leaving the engine idle."""
+    engine = make_engine(str(tiny_model_path), num_kv_blocks=32)
+    params = RequestParams(max_tokens=8, sampling=SamplingParams(temperature=0.0),
+                           constraint=schema_constraint(SCHEMAS[0]))
+    engine.add_request("a", [5, 6, 7], params)
+    with pytest.raises(InvalidRequestError, match="already in the engine"):
+        engine.add_request("a", [5, 6, 7], params)
+    assert engine.stats().num_waiting == 1
+    assert engine.abort("a") and not engine.abort("a")
+    outputs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outputs] == [("a", True, "abort")]
+    assert not engine.has_unfinished()
+
+
 @pytest.fixture(scope="module")
 def tiny_daemon(tiny_model_path: Path, redis_url: str) -> Iterator[tuple[ThreadDaemon, str]]:
     prefix = f"helixtest-grammar-{id(tiny_model_path):x}"

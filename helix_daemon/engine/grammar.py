@@ -21,7 +21,6 @@ this module (the scheduler sees the ``TokenConstraint`` protocol).
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,22 +97,21 @@ class GrammarCompiler:
         self._eos = sorted(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use (~1 s)
         self._executor: ThreadPoolExecutor | None = None
+        # touched by the engine's thread only (the worker only runs _compile)
         self._cache: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
-        self._lock = threading.Lock()  # the cache is read by the engine thread only; belt only
 
     def compile(self, constraint: OutputConstraint) -> Future[llguidance.LLMatcher]:
         """The compiled grammar of ``constraint``, from the cache or queued for the worker."""
-        with self._lock:
-            future = self._cache.get(constraint.key)
-            if future is None:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="helix-grammar")
-                future = self._executor.submit(self._compile, constraint)
-                self._cache[constraint.key] = future
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(constraint.key)
-            return future
+        future = self._cache.get(constraint.key)
+        if future is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="helix-grammar")
+            future = self._executor.submit(self._compile, constraint)
+            self._cache[constraint.key] = future
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(constraint.key)
+        return future
 
     def matcher(self, compiled: llguidance.LLMatcher, forced: Sequence[int]) -> Matcher:
         """A request's own matcher, already past ``forced`` (output an earlier attempt streamed,
