@@ -2,10 +2,11 @@
 applied to the logits before sampling.
 
 A ``TokenConstraint`` (one per request; built by the engine from a compiled grammar) says which
-tokens may come next. Each step fills one bitmask row per logit row of the constrained sequences
-only (bit ``t % 32`` of word ``t // 32`` allows token ``t``) and sets the other logits to -inf, so
-greedy takes the best allowed token and sampling draws from the distribution renormalised over
-the allowed ones. Unconstrained rows are never touched.
+tokens may come next. A step with constrained rows fills one bitmask (bit ``t % 32`` of word
+``t // 32`` allows token ``t``) whose rows of constrained sequences come from their matchers and
+whose other rows allow everything, and sets the disallowed logits to -inf in one pass, so greedy
+takes the best allowed token and sampling draws from the distribution renormalised over the
+allowed ones. A step without a constrained row does no mask work at all.
 
 Speculation: a draft row's mask is the matcher's after the drafts before it (accepted, masked,
 then rolled back), so the verifier's p at every position is the constrained distribution; with
