@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 from scheduler.errors import InvalidRequestError
+
+ConstraintKind = Literal["json_object", "json_schema", "regex", "grammar"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,20 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """What the output must match: any JSON object, a JSON schema (as JSON text), a regular
+    expression or a Lark grammar. Its compiled form is cached by ``key``."""
+
+    kind: ConstraintKind
+    source: str = ""  # the schema's JSON text, the regex or the grammar; empty for json_object
+
+    @property
+    def key(self) -> str:
+        """Identifies the compiled grammar: the same kind and source compile once."""
+        return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class RequestParams:
     """Everything about one generation request except its prompt."""
 
@@ -45,6 +63,7 @@ class RequestParams:
     num_speculative_tokens: int | None = None  # per-request K override; 0 disables speculation
     prefix_caching: bool = True  # False: neither reuse cached prefix blocks nor offer its own
     cache_salt: str | None = None  # blocks hit only requests with the same salt (tenants)
+    constraint: OutputConstraint | None = None  # structured output (JSON, regex, grammar)
 
     @property
     def cache_key(self) -> bytes | None:

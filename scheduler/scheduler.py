@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvpool.allocator import BlockAllocator
 from kvpool.block_table import BlockTable
@@ -27,6 +27,9 @@ from scheduler.params import RequestParams
 from scheduler.prefix import NO_HIT, PrefixHit, PrefixMatcher
 from scheduler.sequence import Sequence, SequenceStatus, TextStream
 from scheduler.speculation import DraftDecision
+
+if TYPE_CHECKING:
+    from scheduler.grammar import TokenConstraint
 
 
 class DraftPolicy(Protocol):
@@ -66,6 +69,11 @@ class ScheduledSeq:
     num_query_tokens: int
     num_draft_slots: int = 0
     draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def constraint(self) -> TokenConstraint | None:
+        """The sequence's grammar matcher, if its output is constrained."""
+        return self.seq.constraint
 
     @property
     def samples(self) -> bool:
@@ -120,13 +128,14 @@ class Scheduler:
     # -- requests in and out -------------------------------------------------------------------
 
     def add(self, request_id: str, prompt_ids: Seq[int], params: RequestParams,
-            forced_output_ids: Seq[int] = (), text: TextStream | None = None) -> Sequence:
-        """Queue a request; raises ``InvalidRequestError`` when it can never run."""
-        if request_id in self._by_id:
-            raise InvalidRequestError(f"request id {request_id!r} is already in the engine")
-        self._validate(prompt_ids, params)
+            forced_output_ids: Seq[int] = (), text: TextStream | None = None,
+            constraint: TokenConstraint | None = None) -> Sequence:
+        """Queue a request; raises ``InvalidRequestError`` when it can never run.
+
+        ``constraint``: a matcher already past ``forced_output_ids``."""
+        self.validate(request_id, prompt_ids, params)
         seq = Sequence(request_id, prompt_ids, params, next(self._arrivals),
-                       forced_output_ids, text)
+                       forced_output_ids, text, constraint)
         self._by_id[request_id] = seq
         if seq.num_output_tokens >= params.max_tokens:
             self._finish(seq, "length")
@@ -135,7 +144,10 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         return seq
 
-    def _validate(self, prompt_ids: Seq[int], params: RequestParams) -> None:
+    def validate(self, request_id: str, prompt_ids: Seq[int], params: RequestParams) -> None:
+        """Raise ``InvalidRequestError`` for a request ``add`` would refuse."""
+        if request_id in self._by_id:
+            raise InvalidRequestError(f"request id {request_id!r} is already in the engine")
         params.validate()
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
@@ -322,25 +334,36 @@ class Scheduler:
         new_ids: list[int] = []
         text = ""
         reason = None
+        final = False  # the text held back so far is final: release it
         for token in tokens:
             seq.token_ids.append(token)
             new_ids.append(token)
+            grammar_ended = self._grammar_end(seq, token)
             reason = self._stop_reason(seq, token)
             if reason is None and seq.text is not None:
                 delta, stopped = seq.text.push(token)
                 text += delta
-                reason = "stop" if stopped else self._length_reason(seq)
-            elif reason is None:
-                reason = self._length_reason(seq)
+                reason = "stop" if stopped else None
+            if reason is None:  # the grammar's end or the length limit
+                reason = "stop" if grammar_ended else self._length_reason(seq)
+                final = reason is not None
             if reason is not None:
                 break
         if reason is None:
             return SeqUpdate(seq, new_ids, text, False, None)
-        if seq.text is not None and reason == "length":
+        if seq.text is not None and final:
             text += seq.text.flush()
         self.running.remove(seq)
         self._finish(seq, reason)
         return SeqUpdate(seq, new_ids, text, True, reason)
+
+    def _grammar_end(self, seq: Sequence, token: int) -> bool:
+        """Move a constrained sequence's matcher past ``token``: has its grammar ended?"""
+        if seq.constraint is None:
+            return False
+        if not seq.constraint.accept(token):  # sampling was masked: this is a bug, not input
+            raise RuntimeError(f"{seq.request_id}: token {token} refused by its grammar")
+        return seq.constraint.is_terminated()
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence as Seq
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvpool.block_table import BlockTable
 from scheduler.params import RequestParams
+
+if TYPE_CHECKING:  # the matcher's protocol mentions torch; sequences themselves do without it
+    from scheduler.grammar import TokenConstraint
 
 
 class SequenceStatus(enum.Enum):
@@ -29,7 +32,8 @@ class Sequence:
 
     def __init__(self, request_id: str, prompt_ids: Seq[int], params: RequestParams,
                  arrival: int, forced_output_ids: Seq[int] = (),
-                 text: TextStream | None = None) -> None:
+                 text: TextStream | None = None,
+                 constraint: TokenConstraint | None = None) -> None:
         self.request_id = request_id
         self.params = params
         self.arrival = arrival
@@ -43,6 +47,9 @@ class Sequence:
         self.block_table: BlockTable | None = None
         self.finish_reason: str | None = None
         self.text = text
+        # structured output: the grammar's matcher, past every token of the output so far (kept
+        # through preemption, since recompute keeps the tokens)
+        self.constraint = constraint
         self.num_preemptions = 0
         self.num_draft_proposed = 0
         self.num_draft_accepted = 0

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import redis
@@ -19,6 +20,7 @@ from helix_daemon.testing.tiny_models import build_tiny_model
 from helix_daemon.wire import protocol as p
 from tests.daemon_harness import ThreadDaemon, start_thread_daemon, wait_until
 from tests.gateway_harness import GatewayServer, add_chat_template
+from tests.grammar_utils import SCHEMAS
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
@@ -426,3 +428,27 @@ def test_gateway_flags_override_helix_variables_only_when_given(
     monkeypatch.setenv("HELIX_GATEWAY_MAX_N", "many")
     with pytest.raises(ValueError, match="HELIX_GATEWAY_MAX_N"):
         gateway_config(build_parser().parse_args(["gateway"]))
+
+
+def test_response_format_json_schema_answers_valid_json(client: openai.OpenAI) -> None:
+    """OpenAI's ``response_format`` json_schema through the gateway: the answer, whole and
+    streamed, parses and follows the schema and ends with ``stop``; an unknown format type and a
+    schema that does not compile (the daemon's ``invalid_request``) are 400s."""
+    schema = SCHEMAS[0]
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": schema}}
+    whole = client.chat.completions.create(model="default", messages=CHAT, temperature=0,
+                                           max_tokens=80, response_format=fmt)
+    text = whole.choices[0].message.content or ""
+    jsonschema.validate(json.loads(text), schema)
+    assert whole.choices[0].finish_reason == "stop"
+    streamed, _ = _streamed_text(client.chat.completions.create(
+        model="default", messages=CHAT, temperature=0, max_tokens=80, response_format=fmt,
+        stream=True))
+    assert streamed == [text]
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}, "required": ["a"]}}}
+    for bad in ({"type": "xml"}, bad_schema):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="default", messages=CHAT, max_tokens=8,
+                                           response_format=bad)  # type: ignore[arg-type]
+        assert _error_body(caught.value)["type"] == "invalid_request_error"

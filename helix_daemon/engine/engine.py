@@ -20,6 +20,8 @@ from helix_daemon.engine.config import EngineConfig
 from helix_daemon.engine.device import kv_budget_bytes, resolve_device, resolve_dtype
 from helix_daemon.engine.drafting import Drafter, Drafts, NgramDrafter
 from helix_daemon.engine.generators import RequestGenerators
+from helix_daemon.engine.grammar import GrammarCompiler
+from helix_daemon.engine.grammar_waits import GrammarWaits, Waiting
 from helix_daemon.engine.model_drafter import ModelDrafter
 from helix_daemon.engine.model_files import resolve_model
 from helix_daemon.engine.model_runner import ModelRunner
@@ -31,6 +33,7 @@ from kvpool.kv_cache import num_blocks_for_budget
 from kvpool.prefix_cache import PrefixCache
 from scheduler.detokenizer import Decoder, DetokenizedText
 from scheduler.errors import InvalidRequestError
+from scheduler.grammar import mask_rows, trim_drafts
 from scheduler.params import RequestParams
 from scheduler.rejection import accept_greedy, rejection_sample
 from scheduler.sampling import sample, shape_probs
@@ -38,6 +41,7 @@ from scheduler.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SeqUpd
 from scheduler.speculation import AdaptiveDraftPolicy
 
 log = logging.getLogger(__name__)
+_GRAMMAR_WAIT_S = 0.05  # an engine with only compiling grammars to wait for sleeps this long
 
 
 @dataclass(slots=True)
@@ -85,6 +89,7 @@ class Engine:
         self._policy = AdaptiveDraftPolicy(
             adaptive=config.adaptive_speculation, draft_cost=drafter.relative_cost,
         ) if drafter is not None else None
+        eos_ids = _eos_ids(target, tokenizer)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -94,10 +99,13 @@ class Engine:
                 num_speculative_tokens=config.num_speculative_tokens if drafter else 0,
             ),
             self.allocator,
-            eos_token_ids=_eos_ids(target, tokenizer),
+            eos_token_ids=eos_ids,
             draft_policy=self._policy,
         )
         self._generators = generators  # each request's random stream; a draft model's too
+        self._grammars = GrammarCompiler(tokenizer, target.vocab_size, eos_ids)
+        self._grammar_waits = GrammarWaits()  # constrained requests until their grammar is ready
+        self._ended_early: list[RequestOutput] = []  # waiting requests aborted or refused
         self._num_steps = 0
         self._num_proposed = 0
         self._num_accepted = 0
@@ -146,13 +154,20 @@ class Engine:
         vocab = self.target.vocab_size
         if any(not 0 <= t < vocab for t in (*prompt_ids, *forced_output_ids)):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        if request_id in self._grammar_waits:
+            raise InvalidRequestError(f"request id {request_id!r} is already in the engine")
+        self.scheduler.validate(request_id, prompt_ids, params)
         text = DetokenizedText(self._decoder, prompt_ids, params.stop)
         # replay what an earlier attempt streamed so held-back text (a partial character or a
         # possible stop-string prefix) is in the same state as in an uninterrupted run
         for token_id in forced_output_ids:
             text.push(token_id)
-        self.scheduler.add(request_id, prompt_ids, params, forced_output_ids, text)
         self._generators.add(request_id, params.sampling.seed)
+        if params.constraint is not None:  # joins the scheduler once its grammar is compiled
+            self._grammar_waits.add(Waiting(request_id, prompt_ids, params, list(forced_output_ids),
+                                            text, self._grammars.compile(params.constraint)))
+            return
+        self.scheduler.add(request_id, prompt_ids, params, forced_output_ids, text)
 
     def _prompt_ids(self, prompt: str | Seq[int] | ChatPrompt) -> list[int]:
         if isinstance(prompt, ChatPrompt):
@@ -166,16 +181,44 @@ class Engine:
         return [int(t) for t in prompt]
 
     def abort(self, request_id: str) -> bool:
+        waiting = self._grammar_waits.remove(request_id)
+        if waiting is not None:
+            self._end_early(waiting, "abort")
+            return True
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._grammar_waits or self._ended_early)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar is ready join the scheduler with their own matcher; those whose
+        grammar failed end (``invalid_request``). Outputs of requests that ended here."""
+        if self._grammar_waits and not self.scheduler.has_unfinished():
+            self._grammar_waits.wait(_GRAMMAR_WAIT_S)
+        for w in self._grammar_waits.take_ready():
+            try:
+                matcher = self._grammars.matcher(w.grammar.result(), w.forced_output_ids)
+                self.scheduler.add(w.request_id, w.prompt_ids, w.params, w.forced_output_ids,
+                                   w.text, constraint=matcher)
+            except InvalidRequestError as e:
+                self._end_early(w, None, error=str(e))
+        ended, self._ended_early = self._ended_early, []
+        return ended
+
+    def _end_early(self, waiting: Waiting, reason: str | None, error: str | None = None) -> None:
+        self._generators.drop(waiting.request_id)
+        self._ended_early.append(RequestOutput(
+            request_id=waiting.request_id, new_token_ids=[], text_delta="", finished=True,
+            finish_reason=reason, num_prompt_tokens=len(waiting.prompt_ids),
+            num_output_tokens=len(waiting.forced_output_ids), num_draft_proposed=0,
+            num_draft_accepted=0, error=error))
 
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """schedule -> draft -> run the target and accept -> postprocess; then adaptive K
         learns from what the step cost and realised."""
+        outputs = self._admit_compiled()
         timer = StepTimer()
         plan = self.scheduler.schedule()
         catch_up = _drafts_a_new_prompt(plan)  # asked before drafting moves the draft's KV on
@@ -184,7 +227,7 @@ class Engine:
         sampled = self._run(plan, drafts)
         self._account_kv()
         updates = self.scheduler.postprocess(plan, sampled)
-        outputs = [self._output(u) for u in updates]
+        outputs += [self._output(u) for u in updates]
         self._teach_policy(plan, sampled, timer, catch_up)
         return outputs
 
@@ -193,6 +236,7 @@ class Engine:
         if self.drafter is None or not plan.scheduled:
             return Drafts()
         drafts = self.drafter.propose(plan)
+        trim_drafts(plan.scheduled)  # drafts a constrained sequence's grammar refuses cannot win
         if self._policy is not None:
             for draft_pass in drafts.passes:
                 self._policy.observe_draft_pass(*draft_pass)
@@ -233,6 +277,7 @@ class Engine:
                 drafts: Drafts) -> list[list[int]]:
         """Sample each sequence's next token(s); with drafts, rejection sampling keeps p exact."""
         sampling = [s for s in plan.scheduled if s.samples]
+        logits = mask_rows(sampling, logits, with_drafts=True)  # constrained rows only
         if all(s.seq.params.sampling.is_greedy for s in sampling):
             chosen = iter(self._accept_greedy(sampling, logits))
             return [next(chosen) if s.samples else [] for s in plan.scheduled]
@@ -304,7 +349,7 @@ class Engine:
         s = self.scheduler
         cache = self.allocator.prefix_cache
         return EngineStats(
-            num_running=len(s.running), num_waiting=len(s.waiting),
+            num_running=len(s.running), num_waiting=len(s.waiting) + len(self._grammar_waits),
             kv_blocks_used=self.allocator.num_used, kv_blocks_total=self.allocator.num_blocks,
             num_preemptions=s.num_preemptions, num_steps=self._num_steps,
             num_draft_proposed=self._num_proposed, num_draft_accepted=self._num_accepted,

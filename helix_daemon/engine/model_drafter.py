@@ -17,6 +17,7 @@ from helix_daemon.engine.generators import RequestGenerators
 from helix_daemon.engine.model_runner import ModelRunner
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import KVCacheSpec
+from scheduler.grammar import mask_rows
 from scheduler.sampling import sample, shape_probs
 from scheduler.scheduler import ScheduledSeq, StepPlan
 
@@ -94,6 +95,9 @@ class ModelDrafter:
         if logits.shape[-1] < self.target_vocab:
             logits = torch.nn.functional.pad(logits, (0, self.target_vocab - logits.shape[-1]),
                                              value=float("-inf"))
+        # a constrained sequence drafts from its grammar's mask after the drafts so far, so q is
+        # the masked distribution rejection sampling needs
+        logits = mask_rows([d.item for d in active], logits, with_drafts=False)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return shape_probs(logits.to(dtype), [d.item.seq.params.sampling for d in active])
 

@@ -24,6 +24,9 @@ class RequestOutput:
     num_draft_proposed: int
     num_draft_accepted: int
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # set when the request ended as invalid after it was taken (its grammar did not compile):
+    # the message of its ``invalid_request`` error
+    error: str | None = None
 
 
 @dataclass(slots=True)

@@ -63,7 +63,7 @@ class EngineLoop:
             if not self._drain(result):
                 return
             try:
-                result.outputs = self._step()
+                self._take_outputs(self._step(), result)
                 result.stats = self._engine.stats()
             except Exception as e:  # the engine itself broke: nothing more can run here
                 result.fatal = e
@@ -103,6 +103,17 @@ class EngineLoop:
         except Exception as e:  # a request the engine cannot take must not stop the others
             result.rejected.append(
                 Rejection(command.engine_id, "engine_error", f"{type(e).__name__}: {e}"))
+
+    @staticmethod
+    def _take_outputs(outputs: list[RequestOutput], result: StepResult) -> None:
+        """A request the engine refused after taking it (its grammar did not compile) is
+        answered as one refused when added."""
+        for output in outputs:
+            if output.error is None:
+                result.outputs.append(output)
+            else:
+                result.rejected.append(
+                    Rejection(output.request_id, "invalid_request", output.error))
 
     def _step(self) -> list[RequestOutput]:
         if not self._engine.has_unfinished():

@@ -59,6 +59,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     priority: int | None = None
+    regex: str | None = None  # structured output: a regular expression or a Lark grammar
+    grammar: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -111,9 +113,8 @@ def _check_chat(req: ChatCompletionRequest) -> None:
     if req.tools or req.functions or req.tool_choice not in (None, "none") \
             or req.function_call not in (None, "none"):
         raise invalid("tools and function calling are not supported by Helix", "tools")
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise invalid("only response_format {\"type\": \"text\"} is supported",
-                      "response_format")
+    # response_format's shape (text, json_object, json_schema) is checked as the daemon will,
+    # by the protocol's own validation of the body it becomes
 
 
 def _check_completion(req: CompletionRequest) -> None:

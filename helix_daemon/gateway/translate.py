@@ -23,7 +23,8 @@ from helix_daemon.wire.protocol import Usage
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and Helix's) default for /v1/completions
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters copied as they are when given (absent ones keep the daemon's defaults).
-_PASSED = ("temperature", "top_p", "top_k", "min_p", "ignore_eos", "stop_token_ids", "priority")
+_PASSED = ("temperature", "top_p", "top_k", "min_p", "ignore_eos", "stop_token_ids", "priority",
+           "regex", "grammar")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def _params(req: Request, default_max_tokens: int) -> dict[str, Any]:
         max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
         if req.chat_template_kwargs:
             body["chat_template_kwargs"] = req.chat_template_kwargs
+        if req.response_format is not None:  # OpenAI's shapes are the protocol's own
+            body["response_format"] = req.response_format
     else:
         max_tokens = req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
     body["max_tokens"] = max_tokens

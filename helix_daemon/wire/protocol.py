@@ -49,7 +49,7 @@ from typing import Any, Literal
 import msgspec
 
 from scheduler.errors import InvalidRequestError
-from scheduler.params import RequestParams, SamplingParams
+from scheduler.params import OutputConstraint, RequestParams, SamplingParams
 
 PROTOCOL_VERSION = 1
 DEFAULT_PREFIX = "helix"
@@ -145,6 +145,11 @@ class RequestBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     result_ttl_s: int | None = None
     prefix_caching: bool = True  # false: this request neither reuses nor offers cached blocks
     cache_salt: str | None = None  # only requests with the same salt share cached blocks
+    # structured output, at most one: OpenAI's response_format (text, json_object, json_schema),
+    # a regular expression, or a Lark grammar (llguidance's dialect)
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
 
 class BadEntryError(Exception):
@@ -266,9 +271,50 @@ def to_request_params(body: RequestBody) -> RequestParams:
                            stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
                            priority=body.priority,
                            num_speculative_tokens=body.num_speculative_tokens,
-                           prefix_caching=body.prefix_caching, cache_salt=body.cache_salt)
+                           prefix_caching=body.prefix_caching, cache_salt=body.cache_salt,
+                           constraint=to_constraint(body))
     params.validate()
     return params
+
+
+def to_constraint(body: RequestBody) -> OutputConstraint | None:
+    """The output constraint ``body`` asks for (None: free text); raise InvalidRequestError for a
+    malformed one. Whether a schema, regex or grammar compiles is the engine's to find out."""
+    asked = [c for c in (_response_format(body.response_format),
+                         _text_constraint("regex", body.regex),
+                         _text_constraint("grammar", body.grammar)) if c is not None]
+    if len(asked) > 1:
+        raise InvalidRequestError(
+            "at most one of response_format (json), 'regex' and 'grammar' may be given")
+    return asked[0] if asked else None
+
+
+def _text_constraint(kind: Literal["regex", "grammar"],
+                     source: str | None) -> OutputConstraint | None:
+    if source is None:
+        return None
+    if not source:
+        raise InvalidRequestError(f"{kind} is empty")
+    return OutputConstraint(kind, source)
+
+
+def _response_format(fmt: dict[str, Any] | None) -> OutputConstraint | None:
+    """OpenAI's shapes: ``{"type": "text"}``, ``{"type": "json_object"}`` and
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
+    kind = None if fmt is None else fmt.get("type")
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputConstraint("json_object")
+    if kind != "json_schema":
+        raise InvalidRequestError(
+            "response_format.type must be text, json_object or json_schema")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("response_format.json_schema.schema must be a JSON object")
+    # the schema's key order is kept: it is the order the properties are generated in
+    return OutputConstraint("json_schema", json.dumps(schema, separators=(",", ":")))
 
 
 def _check_chat(body: RequestBody) -> None:
