@@ -353,7 +353,9 @@ def helix_result(engine: Any, traces: dict[str, RequestTrace], start: float, end
              "preemptions": after.num_preemptions - before.num_preemptions,
              "max_running": kv.max_running, "kv_blocks_total": after.kv_blocks_total,
              "kv_waste_engine_stats": 1 - used / allocated if allocated else None,
-             "peak_kv_blocks_bench_sample": kv.peak_blocks}
+             "peak_kv_blocks_bench_sample": kv.peak_blocks,
+             # what HELIX_CPU_LINEAR=auto measured at load (runs differ by up to 20 % with it)
+             "linear_form": engine.target.linear_form}
     return MethodResult("helix", traces, start, end, after.peak_kv_blocks_used, kv.waste, notes)
 
 
@@ -373,8 +375,9 @@ def run_method(name: str, args: argparse.Namespace, path: Path,
                                       / (time.perf_counter() - wall_before))
     result.notes["loadavg_1m"] = [load_before, os.getloadavg()[0]]
     print(f"  {name}: {result.summary(None)['tokens_per_s']:.1f} tok/s, "
-          f"{result.notes['cpu_cores_used']:.2f} cores, load {result.notes['loadavg_1m']}",
-          flush=True)
+          f"{result.notes['cpu_cores_used']:.2f} cores, load {result.notes['loadavg_1m']}"
+          + (f", linear layers {result.notes['linear_form']}" if "linear_form" in result.notes
+             else ""), flush=True)
     return result
 
 
