@@ -1,6 +1,7 @@
 """Weight-only quantization on the real SmolLM2-135M-Instruct (its bundled GGUF): Helix in
-float32, bfloat16, int8 and int4 (bfloat16 activations), HF ``generate`` in float32 and
-llama.cpp on the GGUF's own Q4_1 blocks (when ``llama-cpp-python`` is installed), in one run.
+float32, bfloat16, int8, int4 and auto (the GGUF's own Q4_1 blocks as int4; bfloat16
+activations), HF ``generate`` in float32 and llama.cpp on the same blocks (when
+``llama-cpp-python`` is installed), in one run.
 
 Per row: weight bytes in memory, batch-1 decode tok/s (median step, prefill left out), 8 and 32
 concurrent chat requests' tok/s (prefill included), each relative to Helix float32, and the
@@ -38,7 +39,8 @@ from scheduler.params import RequestParams, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "helix-bench"
-MODES = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4")]
+MODES = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4"),
+         ("bfloat16", "auto")]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Why is the sky blue?", "List three primary colours.",
              "Explain in one sentence what a CPU does.", "Name a large animal.",
@@ -73,12 +75,14 @@ def concurrent_tok_s(engine: Engine, prompts: list[list[int]], tokens: int) -> f
     return len(prompts) * tokens / (time.perf_counter() - started)
 
 
-def helix_row(path: Path, dtype: str, quantization: str, prompts: list[list[int]],
+def helix_row(gguf: Path, dtype: str, quantization: str, prompts: list[list[int]],
               tokens: int, concurrency: Sequence[int]) -> dict[str, Any]:
-    engine = Engine.from_config(EngineConfig(model=str(path), device="cpu", dtype=dtype,
-                                             quantization=quantization, num_kv_blocks=1024))
-    row = {"system": f"Helix {dtype}" + (f" {quantization}" if quantization != "none" else ""),
-           "weight_bytes": engine.weight_bytes,
+    """Helix on the GGUF (its cached float32 folder; ``auto`` also reads the file's blocks)."""
+    engine = Engine.from_config(EngineConfig(model=str(gguf), model_cache_dir=str(CACHE / "models"),
+                                             device="cpu", dtype=dtype, quantization=quantization,
+                                             num_kv_blocks=1024))
+    name = {"none": "", "auto": " auto (GGUF Q4_1 blocks)"}.get(quantization, f" {quantization}")
+    row = {"system": f"Helix {dtype}{name}", "weight_bytes": engine.weight_bytes,
            "batch1_tok_s": 1 / batch1_step_s(engine, prompts[0], tokens)}
     for n in concurrency:
         row[f"c{n}_tok_s"] = concurrent_tok_s(engine, (prompts * n)[:n], tokens)
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [render(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
     bandwidth = read_bandwidth(1 << 28 if args.quick else 1 << 30)
-    rows = [helix_row(path, d, q, prompts, tokens, concurrency) for d, q in MODES]
+    rows = [helix_row(gguf, d, q, prompts, tokens, concurrency) for d, q in MODES]
     rows.append({"system": "HF generate float32", "weight_bytes": rows[0]["weight_bytes"],
                  "batch1_tok_s": 1 / hf_token_s(path, prompts[0], tokens)})
     try:
@@ -131,12 +135,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {tokens} tokens per request, "
           f"{args.threads} threads")
     conc = "".join(f"{f'c{n} tok/s':>12}{'x f32':>7}" for n in concurrency)
-    print(f"{'system':<30}{'weights MB':>11}{'b1 tok/s':>10}{'x f32':>7}{conc}{'floor':>7}")
+    print(f"{'system':<40}{'weights MB':>11}{'b1 tok/s':>10}{'x f32':>7}{conc}{'floor':>7}")
     for row in rows:
         cells = "".join(
             f"{row[f'c{n}_tok_s']:>12.1f}{row[f'c{n}_tok_s'] / base[f'c{n}_tok_s']:>7.2f}"
             if f"c{n}_tok_s" in row else f"{'-':>12}{'-':>7}" for n in concurrency)
-        print(f"{row['system']:<30}{row['weight_bytes'] / 1e6:>11.0f}{row['batch1_tok_s']:>10.1f}"
+        print(f"{row['system']:<40}{row['weight_bytes'] / 1e6:>11.0f}{row['batch1_tok_s']:>10.1f}"
               f"{row['batch1_tok_s'] / base['batch1_tok_s']:>7.2f}{cells}"
               f"{row['floor_share']:>7.0%}")
     RESULTS.mkdir(exist_ok=True)

@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from helix_daemon.engine.config import CPU_LINEAR_CHOICES, QUANTIZATION_CHOICES, EngineConfig
+from helix_daemon.engine.config import (
+    CPU_LINEAR_CHOICES,
+    DRAFT_QUANTIZATION_CHOICES,
+    QUANTIZATION_CHOICES,
+    EngineConfig,
+)
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE, check_request_id
 
 ENV_PREFIX = "HELIX_"
@@ -53,7 +58,8 @@ class DaemonConfig:
     enable_prefix_caching: bool = True
     torch_threads: int | None = None  # CPU threads of torch's kernels; None = torch's default
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
-    quantization: str = "none"  # one of QUANTIZATION_CHOICES (weight-only; draft follows)
+    quantization: str = "none"  # one of QUANTIZATION_CHOICES (weight-only)
+    draft_quantization: str = "target"  # one of DRAFT_QUANTIZATION_CHOICES (target: the same)
     # Run the engine in a child process, so its Python never waits for the event loop's GIL
     # (False: a thread of the daemon, as when a caller hands the daemon a built engine).
     engine_process: bool = True
@@ -87,6 +93,7 @@ class DaemonConfig:
             raise ValueError("torch_threads must be >= 1")
         _one_of(self, "cpu_linear", CPU_LINEAR_CHOICES)
         _one_of(self, "quantization", QUANTIZATION_CHOICES)
+        _one_of(self, "draft_quantization", DRAFT_QUANTIZATION_CHOICES)
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "lease_ms",
                   "reclaim_interval_s", "heartbeat_interval_s", "max_attempts", "result_ttl_s")
         if self.drain_timeout_s < 0:
@@ -122,6 +129,7 @@ class DaemonConfig:
                             adaptive_speculation=self.adaptive_speculation,
                             enable_prefix_caching=self.enable_prefix_caching,
                             cpu_linear=self.cpu_linear, quantization=self.quantization,
+                            draft_quantization=self.draft_quantization,
                             torch_threads=self.torch_threads,
                             model_cache_dir=self.model_cache_dir or None)
 

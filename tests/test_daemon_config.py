@@ -47,7 +47,9 @@ def test_overrides_win_over_the_environment() -> None:
     ("NUM_KV_BLOCKS", "0", "num_kv_blocks must be >= 1"),
     ("TORCH_THREADS", "0", "torch_threads must be >= 1"),
     ("CPU_LINEAR", "fast", "cpu_linear must be one of auto, onednn, blas, got 'fast'"),
-    ("QUANTIZATION", "int3", "quantization must be one of none, int8, int4, got 'int3'"),
+    ("QUANTIZATION", "int3", "quantization must be one of none, int8, int4, auto, got 'int3'"),
+    ("DRAFT_QUANTIZATION", "int3", "draft_quantization must be one of target, none, int8, int4, "
+                                   "auto, got 'int3'"),
 ])
 def test_bad_values_raise(name: str, value: str, message: str) -> None:
     """A value that does not parse or is out of range raises ValueError naming the setting and
@@ -83,7 +85,8 @@ def test_torch_threads_reach_torch_when_the_engine_loads(tiny_model_path) -> Non
 def test_quantization_reaches_the_engine_and_its_info(tiny_model_path) -> None:
     """HELIX_QUANTIZATION (--quantization) reaches the model runner through the engine config;
     with ``--dtype auto`` on CPU the model serves in bfloat16, and the engine's info (what the
-    daemon logs and heartbeats) carries the mode and the smaller weight bytes."""
+    daemon logs and heartbeats) carries the mode and the smaller weight bytes; ``auto`` on a
+    folder is ``none``."""
     import torch
 
     from helix_daemon.engine_host.load import load_engine
@@ -94,8 +97,10 @@ def test_quantization_reaches_the_engine_and_its_info(tiny_model_path) -> None:
                                        num_kv_blocks=16)
         return load_engine(config.engine_config())
 
-    plain, int4 = engine("none"), engine("int4")
+    plain, int4, auto = engine("none"), engine("int4"), engine("auto")
     assert int4.target.quantization == "int4" and int4.target.dtype == torch.bfloat16
     assert plain.target.dtype == torch.float32
+    # a folder has no quantization of its own to keep: auto serves it as none
+    assert auto.info().quantization == "none" and auto.target.dtype == torch.float32
     assert int4.info().quantization == "int4"
     assert 0 < int4.info().weight_bytes < plain.info().weight_bytes / 4

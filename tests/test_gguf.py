@@ -97,7 +97,7 @@ def test_second_resolve_is_a_cache_hit_with_the_same_weights(
     written = weights.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="helix_daemon.engine.model_files"):
         again = resolve_model(str(gguf), cache_dir)
-    assert again == ResolvedModel(first_resolve.path, converted=False)
+    assert again == ResolvedModel(first_resolve.path, converted=False, gguf=str(gguf))
     assert weights.stat().st_mtime_ns == written
     assert any("cache hit" in r.getMessage() for r in caplog.records)
     cached = load_file(weights)

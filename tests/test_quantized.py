@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helix_daemon.config import DaemonConfig
+from helix_daemon.engine.engine import Engine
+from helix_daemon.engine.model_files import ModelFileError
 from helix_daemon.engine.quantized_linear import (
     Int4Linear,
     Int8Embedding,
@@ -76,7 +82,7 @@ def test_quantized_linear_matches_its_dequantized_weight(quantization: str) -> N
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48, bias=True)
     quantized = Int8Linear(linear, torch.float32) if quantization == "int8" \
-        else Int4Linear(linear, torch.float32)
+        else Int4Linear.quantize(linear, torch.float32)
     identity = torch.eye(128)
     dequantized = quantized(identity).T - linear.bias.detach()[:, None]  # columns of W
     x = torch.randn(5, 128)
@@ -127,3 +133,36 @@ def test_speculative_greedy_matches_hf_with_the_same_quantization(quantization: 
     assert stats.num_preemptions > 0
     if drafter == "model":
         assert engine.drafter.runner.quantization == quantization  # type: ignore[union-attr]
+
+
+def test_draft_quantized_independently_of_the_target() -> None:
+    """HELIX_DRAFT_QUANTIZATION=int4 beside an unquantized float32 target: only the draft model
+    runs int4, its drafts are accepted, and greedy output (with preemption) equals HF
+    ``generate`` of the plain target alone."""
+    draft, target = _pair()
+    config = DaemonConfig.from_env(
+        {"HELIX_DRAFT_QUANTIZATION": "int4"}, model=target, draft=draft, device="cpu",
+        dtype="float32", num_speculative_tokens=4, adaptive_speculation=False,
+        num_kv_blocks=40, max_num_batched_tokens=128)
+    engine = Engine.from_config(config.engine_config())
+    assert engine.target.quantization == "none"
+    assert engine.drafter.runner.quantization == "int4"  # type: ignore[union-attr]
+    jobs = mixed_jobs(8, max_tokens=40)  # fewer than the others: CI time
+    reference = {j.request_id: hf_quantized_greedy(target, "none", j.prompt_ids, j.max_tokens)
+                 for j in jobs}
+    assert run_engine(engine, jobs) == reference
+    stats = engine.stats()
+    assert stats.num_draft_accepted > 0 and stats.num_preemptions > 0
+
+
+def test_prequantized_checkpoint_is_refused_at_load(tmp_path: Path) -> None:
+    """A checkpoint whose config names a quantizer (here torchao's) is refused at load with an
+    error naming the method and what Helix serves instead."""
+    folder = tmp_path / "prequantized"
+    shutil.copytree(tiny_model("llama", **LLAMA), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "torchao",
+                                     "quant_type": {"default": "Int4WeightOnlyConfig"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="pre-quantized checkpoint .*'torchao'.* int8 or int4"):
+        make_engine(str(folder), dtype="float32")

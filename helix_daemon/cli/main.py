@@ -13,7 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from helix_daemon.client.core import DEFAULT_URL
-from helix_daemon.engine.config import CPU_LINEAR_CHOICES, QUANTIZATION_CHOICES
+from helix_daemon.engine.config import (
+    CPU_LINEAR_CHOICES,
+    DRAFT_QUANTIZATION_CHOICES,
+    QUANTIZATION_CHOICES,
+)
 from helix_daemon.logs import configure_logging
 from helix_daemon.wire.protocol import DEFAULT_PREFIX, DEFAULT_QUEUE
 
@@ -112,8 +116,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                                      "of prompt blocks seen before)")
     p.add_argument("--quantization", choices=QUANTIZATION_CHOICES,
                    help="weight-only quantized linear layers: none (default) | int8 (per "
-                        "channel) | int4 (groups of 32); CPU only; with --dtype auto the "
-                        "activations are bfloat16")
+                        "channel) | int4 (groups of 32) | auto (a .gguf's own Q4_0/Q4_1 blocks, "
+                        "else none); CPU only; with --dtype auto the activations are bfloat16")
+    p.add_argument("--draft-quantization", choices=DRAFT_QUANTIZATION_CHOICES,
+                   help="the draft model's: target (default: as --quantization) | none | int8 "
+                        "| int4 | auto; it runs in the target's dtype")
     p.add_argument("--engine-thread", dest="engine_process", action="store_const", const=False,
                    help="run the engine in a thread of the daemon instead of its own process")
 

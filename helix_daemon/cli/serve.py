@@ -28,6 +28,7 @@ def daemon_config(args: argparse.Namespace, redis_url: str) -> DaemonConfig:
         "torch_threads": args.torch_threads, "engine_process": args.engine_process,
         "enable_prefix_caching": args.enable_prefix_caching,
         "cpu_linear": args.cpu_linear, "quantization": args.quantization,
+        "draft_quantization": args.draft_quantization,
         "model_cache_dir": args.model_cache_dir,
     }
     overrides = {name: value for name, value in given.items() if value is not None}

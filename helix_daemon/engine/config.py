@@ -8,8 +8,11 @@ from dataclasses import dataclass
 # How linear layers run on CPU (engine/cpu_linear.py): measured at load, oneDNN on packed
 # weights, or F.linear (the BLAS torch was built with)
 CPU_LINEAR_CHOICES = ("auto", "onednn", "blas")
-# Weight-only quantization of the linear layers (engine/quantized_linear.py)
-QUANTIZATION_CHOICES = ("none", "int8", "int4")
+# Weight-only quantization of the linear layers (engine/quantized_linear.py); auto keeps what
+# the checkpoint has: a GGUF file's Q4_0/Q4_1 blocks (engine/gguf_blocks.py), else none
+QUANTIZATION_CHOICES = ("none", "int8", "int4", "auto")
+# A draft model's: "target" = whatever the target is asked for, resolved on the draft's own file
+DRAFT_QUANTIZATION_CHOICES = ("target", *QUANTIZATION_CHOICES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     cpu_linear: str = "auto"  # one of CPU_LINEAR_CHOICES
-    # one of QUANTIZATION_CHOICES; a draft model follows the target's
-    quantization: str = "none"
+    quantization: str = "none"  # one of QUANTIZATION_CHOICES
+    draft_quantization: str = "target"  # one of DRAFT_QUANTIZATION_CHOICES
     # CPU threads of torch's kernels (process-wide); None = torch's default. Fewer than the
     # cores leaves a core to the daemon's event loop and Redis.
     torch_threads: int | None = None

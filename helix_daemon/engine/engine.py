@@ -23,10 +23,10 @@ from helix_daemon.engine.generators import RequestGenerators
 from helix_daemon.engine.grammar import GrammarCompiler
 from helix_daemon.engine.grammar_waits import GrammarWaits, Waiting
 from helix_daemon.engine.model_drafter import ModelDrafter
-from helix_daemon.engine.model_files import resolve_model
+from helix_daemon.engine.model_files import ResolvedModel, resolve_model
 from helix_daemon.engine.model_runner import ModelRunner
 from helix_daemon.engine.outputs import EngineInfo, EngineStats, RequestOutput
-from helix_daemon.engine.quantized_linear import check_supported, serving_dtype
+from helix_daemon.engine.quantized_linear import served_quantization, serving_dtype
 from kvpool.allocator import BlockAllocator
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import num_blocks_for_budget
@@ -118,26 +118,29 @@ class Engine:
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         # A .gguf file becomes a cached float32 folder first; names, folders, "ngram" pass through.
-        model = resolve_model(config.model, config.model_cache_dir).path
-        draft = resolve_model(config.draft, config.model_cache_dir).path
+        model = resolve_model(config.model, config.model_cache_dir)
+        draft = resolve_model(config.draft, config.model_cache_dir)
         device = resolve_device(config.device)
-        check_supported(config.quantization, device)
-        quantized_dtype = serving_dtype(config.quantization, device)
+        quantization = served_quantization(config.quantization, model.gguf, device)
+        quantized_dtype = serving_dtype(quantization, device)  # the target's decides
         dtype = quantized_dtype if config.dtype == "auto" and quantized_dtype \
             else resolve_dtype(config.dtype, device)
-        target = ModelRunner(model, dtype, device, config.cpu_linear, config.quantization)
+        target = ModelRunner(model.path, dtype, device, config.cpu_linear, quantization,
+                             model.gguf)
         log.info("weights: %.1f MB in memory (%s, quantization %s)",
-                 target.weight_bytes / 1e6, dtype, config.quantization)
-        tokenizer = AutoTokenizer.from_pretrained(model)
+                 target.weight_bytes / 1e6, dtype, quantization)
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
         generators = RequestGenerators(device, config.seed)
-        drafter = _make_drafter(draft, target, tokenizer, generators)
+        draft_quantization = config.quantization if config.draft_quantization == "target" \
+            else config.draft_quantization  # resolved on the draft's own file
+        drafter = _make_drafter(draft, draft_quantization, target, tokenizer, generators)
         return cls(config, target, tokenizer, generators, drafter)
 
     def info(self) -> EngineInfo:
         return EngineInfo(device=str(self.device), kv_blocks=self.allocator.num_blocks,
                           kv_block_size=self.config.block_size, kv_bytes=self.kv_cache_bytes,
                           linear_form=self.target.linear_form,
-                          weight_bytes=self.weight_bytes, quantization=self.config.quantization)
+                          weight_bytes=self.weight_bytes, quantization=self.target.quantization)
 
     def _blocks_for_budget(self) -> int:
         specs = [self.target.kv_spec] + ([self.drafter.kv_spec] if self.drafter
@@ -403,14 +406,17 @@ def _pack(plan: StepPlan, block_size: int) -> _Batch:
     return batch
 
 
-def _make_drafter(name: str, target: ModelRunner, tokenizer: PreTrainedTokenizerBase,
+def _make_drafter(draft: ResolvedModel, quantization: str, target: ModelRunner,
+                  tokenizer: PreTrainedTokenizerBase,
                   generators: RequestGenerators) -> Drafter | None:
-    """The drafter ``EngineConfig.draft`` names: none, n-grams or a draft model's path."""
-    if name in ("none", ""):
+    """The drafter ``EngineConfig.draft`` names: none, n-grams or a draft model's path (with
+    ``--quantization``'s value for it, resolved on its own file)."""
+    if draft.path in ("none", ""):
         return None
-    if name == "ngram":
+    if draft.path == "ngram":
         return NgramDrafter()
-    return ModelDrafter.load(name, target, tokenizer, generators)
+    served = served_quantization(quantization, draft.gguf, target.device)
+    return ModelDrafter.load(draft, served, target, tokenizer, generators)
 
 
 def _eos_ids(target: ModelRunner, tokenizer: PreTrainedTokenizerBase) -> set[int]:

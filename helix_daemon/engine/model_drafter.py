@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from helix_daemon.engine.drafting import DraftPass, Drafts
 from helix_daemon.engine.generators import RequestGenerators
+from helix_daemon.engine.model_files import ResolvedModel
 from helix_daemon.engine.model_runner import ModelRunner
 from kvpool.attention import SeqSpan, build_metadata
 from kvpool.kv_cache import KVCacheSpec
@@ -37,15 +38,18 @@ class ModelDrafter:
         self.block_size = 0  # set with the cache
 
     @classmethod
-    def load(cls, name: str, target: ModelRunner, tokenizer: PreTrainedTokenizerBase,
-             generators: RequestGenerators) -> ModelDrafter:
+    def load(cls, model: ResolvedModel, quantization: str, target: ModelRunner,
+             tokenizer: PreTrainedTokenizerBase, generators: RequestGenerators) -> ModelDrafter:
+        """The draft model at ``model``, quantized as ``quantization`` (served_quantization's
+        answer for this file; independent of the target's), in the target's dtype and device."""
+        name = model.path
         draft_tokenizer = AutoTokenizer.from_pretrained(name)
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise DraftModelMismatch(
                 f"draft model {name!r} has a different tokenizer vocabulary from the target; "
                 "speculative decoding needs the same tokenizer")
         runner = ModelRunner(name, target.dtype, target.device, target.cpu_linear,
-                             target.quantization)  # the draft follows the target
+                             quantization, model.gguf)
         if runner.vocab_size > target.vocab_size:
             raise DraftModelMismatch(
                 f"draft vocabulary ({runner.vocab_size}) is larger than the target's "

@@ -2,8 +2,9 @@
 dequantized once into an ordinary safetensors folder, cached by the file's content hash.
 
 Torch and transformers are imported only when a file has to be converted, so resolving a cached
-file (or a folder) costs a hash of the file and nothing else. Quantized kernels are not part of
-Helix: the weights are stored in float32 and the engine casts them to its serving dtype at load.
+file (or a folder) costs a hash of the file and nothing else. The folder holds float32 weights,
+which the engine casts to its serving dtype at load; with ``--quantization auto`` it then swaps
+the layers stored as Q4_0/Q4_1 blocks for int4 ones read from the file itself (``gguf_blocks.py``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class ModelFileError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    """What to hand ``from_pretrained``; ``converted`` says whether this call dequantized."""
+    """What to hand ``from_pretrained``; ``converted`` says whether this call dequantized;
+    ``gguf`` is the source file of a converted folder (``--quantization auto`` reads its blocks)."""
 
     path: str
     converted: bool = False
+    gguf: str | None = None
 
 
 # The real chat model the demo and the tests use: SmolLM2-135M-Instruct, shipped as a GGUF file in
@@ -78,10 +81,10 @@ def resolve_model(model: str, cache_dir: str | Path | None = None) -> ResolvedMo
     target = cache / file_sha256(source)
     if (target / COMPLETE_MARKER).is_file():
         log.info("gguf cache hit: %s -> %s", source, target)
-        return ResolvedModel(str(target))
+        return ResolvedModel(str(target), gguf=str(source))
     log.info("dequantizing %s into %s (once; later starts load the cached folder)", source, target)
     _convert_into(source, target)
-    return ResolvedModel(str(target), converted=True)
+    return ResolvedModel(str(target), converted=True, gguf=str(source))
 
 
 def file_sha256(path: Path) -> str:

@@ -22,6 +22,8 @@ from transformers import (
 )
 
 from helix_daemon.engine.cpu_linear import choose_linears
+from helix_daemon.engine.gguf_blocks import keep_gguf_blocks
+from helix_daemon.engine.model_files import ModelFileError
 from helix_daemon.engine.quantized_linear import quantize_model, weight_bytes
 from kvpool.attention import AttentionMetadata, paged_attention, write_kv
 from kvpool.kv_cache import KVCacheSpec, PagedKVCache
@@ -80,11 +82,28 @@ def load_causal_lm(model: str, dtype: torch.dtype, device: torch.device) -> PreT
     """``from_pretrained`` on a hub id or local folder, with Helix's paged attention plugged in."""
     # transformers 5 renamed torch_dtype to dtype; DirectML users run 4.x (torch 2.4)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    config = AutoConfig.from_pretrained(model)
+    refuse_prequantized(model, config)
     loaded = AutoModelForCausalLM.from_pretrained(
-        model, attn_implementation=ATTENTION_NAME, **{dtype_kw: dtype})
+        model, config=config, attn_implementation=ATTENTION_NAME, **{dtype_kw: dtype})
     # transformers types ``to`` by ``functools.wraps(nn.Module.to)``, which keeps the unbound
     # ``self`` parameter, so the device looks like the model to mypy.
     return loaded.to(device).eval()  # type: ignore[arg-type]
+
+
+def refuse_prequantized(model: str, config: PretrainedConfig) -> None:
+    """Raise ModelFileError for a checkpoint transformers would load through a quantizer (AWQ,
+    GPTQ, torchao, bitsandbytes, ...): Helix's forward and quantized layers do not run them."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) \
+        else getattr(quantization, "quant_method", None)
+    raise ModelFileError(
+        f"model {model} is a pre-quantized checkpoint (quantization_config, quant_method "
+        f"{str(method)!r}), which Helix does not serve; use its unquantized checkpoint (with "
+        f"--quantization int8 or int4 if wanted) or a .gguf file (--quantization auto keeps "
+        f"its Q4_0/Q4_1 blocks)")
 
 
 class ModelRunner:
@@ -92,12 +111,15 @@ class ModelRunner:
 
     ``cpu_linear`` (CPU only): ``auto`` runs the linear layers through oneDNN on packed weights
     when that measures faster at load (``cpu_linear.py``), ``onednn`` always, ``blas`` never.
-    ``quantization``: ``int8`` or ``int4`` swaps the linear layers for weight-only quantized
-    ones first (``quantized_linear.py``); oneDNN packing then sees only the layers left dense.
+    ``quantization`` (as ``served_quantization`` resolved it): ``int8`` or ``int4`` swaps the
+    linear layers for weight-only quantized ones first (``quantized_linear.py``), ``gguf`` those
+    stored as Q4 blocks in ``gguf_file`` for int4 ones on those blocks (``gguf_blocks.py``);
+    oneDNN packing then sees only the layers left dense.
     """
 
     def __init__(self, model: str, dtype: torch.dtype, device: torch.device,
-                 cpu_linear: str = "auto", quantization: str = "none") -> None:
+                 cpu_linear: str = "auto", quantization: str = "none",
+                 gguf_file: str | None = None) -> None:
         self.model = load_causal_lm(model, dtype, device)
         self.config = self.model.config
         self.dtype = dtype
@@ -105,7 +127,12 @@ class ModelRunner:
         self.num_params = sum(p.numel() for p in self.model.parameters())  # before packing
         self.cpu_linear = cpu_linear
         self.quantization = quantization
-        quantize_model(self.model, quantization)
+        if quantization == "gguf":
+            if gguf_file is None:
+                raise ValueError("gguf quantization needs the model's .gguf file")
+            keep_gguf_blocks(self.model, gguf_file)
+        else:
+            quantize_model(self.model, quantization)
         self.weight_bytes = weight_bytes(self.model)  # before oneDNN packing hides the bytes
         # the form in use: "onednn" or "blas" on CPU, None elsewhere
         self.linear_form = choose_linears(self.model, cpu_linear) \

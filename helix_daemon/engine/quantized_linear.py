@@ -62,30 +62,36 @@ class Int8Linear(torch.nn.Module):
 
 class Int4Linear(torch.nn.Module):
     """Asymmetric int4 in groups of ``INT4_GROUP`` along the input: ``w = q · s + m`` per group,
-    held as the kernel's packed codes and ``[in / group, out, 2]`` (scale, zero) pairs."""
+    held as the kernel's packed codes and ``[in / group, out, 2]`` (scale, zero) pairs.
+
+    Built from codes (``quantize`` makes them from a float layer; ``gguf_blocks.py`` takes them
+    from a GGUF file's Q4_0/Q4_1 blocks as they are)."""
 
     packed: torch.Tensor
     scale_zero: torch.Tensor
 
-    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                 bias: torch.nn.Parameter | None, dtype: torch.dtype) -> None:
+        """Hold ``w = codes · scale + low``: codes int32 ``[out, in]`` in 0..15, scale and low
+        float32 ``[out, in / group]``."""
         super().__init__()
+        self.out_features, self.in_features = codes.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+        pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zero", pairs.to(dtype))
+        self.bias = bias
+
+    @classmethod
+    def quantize(cls, linear: torch.nn.Linear, dtype: torch.dtype) -> Int4Linear:
+        """Round ``linear``'s weight to 16 levels between each group's minimum and maximum."""
         out_f, in_f = linear.out_features, linear.in_features
         groups = linear.weight.detach().float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = (high - low).clamp(min=1e-12) / _INT4_LEVELS
         codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, _INT4_LEVELS)
-        self.in_features, self.out_features = in_f, out_f
-        self.set_codes(codes.reshape(out_f, in_f).to(torch.int32), scale, low, dtype)
-        self.bias = linear.bias
-
-    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                  dtype: torch.dtype) -> None:
-        """Hold ``w = codes · scale + low`` (codes int32 ``[out, in]``, scale and low per group)."""
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        zero = low + 8 * scale  # the kernel subtracts 8 from each code
-        pairs = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale_zero", pairs.to(dtype))
+        return cls(codes.reshape(out_f, in_f).to(torch.int32), scale, low, linear.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -127,10 +133,19 @@ def serving_dtype(quantization: str, device: torch.device) -> torch.dtype | None
     return None
 
 
-def check_supported(quantization: str, device: torch.device) -> None:
-    if quantization not in QUANTIZATION_CHOICES:
+def served_quantization(asked: str, gguf: str | None, device: torch.device) -> str:
+    """What ``--quantization asked`` serves for one checkpoint (``gguf``: its source file, if
+    any): ``auto`` keeps a GGUF file's own Q4 blocks ("gguf") and is ``none`` for any other
+    checkpoint. Raises ValueError for a name it does not know or a device it does not run on."""
+    if asked not in QUANTIZATION_CHOICES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
-                         f"got {quantization!r}")
+                         f"got {asked!r}")
+    served = ("gguf" if gguf else "none") if asked == "auto" else asked
+    check_supported(served, device)
+    return served
+
+
+def check_supported(quantization: str, device: torch.device) -> None:
     if quantization != "none" and device.type != "cpu":  # the GPU kernels are not tested yet
         raise ValueError(f"{quantization} quantization runs on CPU only for now, not on "
                          f"{device.type}; use --quantization none")
@@ -143,13 +158,15 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> int:
     """
     if quantization == "none":
         return 0
+    if quantization not in ("int8", "int4"):
+        raise ValueError(f"quantize_model takes none, int8 or int4, not {quantization!r}")
     device = next(model.parameters()).device
     check_supported(quantization, device)
     dtype = next(model.parameters()).dtype
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"{quantization} quantization needs activations in float32, bfloat16 or "
                          f"float16 (the kernels' input types), not {dtype}")
-    make = Int8Linear if quantization == "int8" else Int4Linear
+    make = Int8Linear if quantization == "int8" else Int4Linear.quantize
     swaps = {name: make(module, dtype) for name, module in model.named_modules()
              if type(module) is torch.nn.Linear and _fits(module, quantization)}
     embeddings = _tied_embedding(model)

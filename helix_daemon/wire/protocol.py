@@ -436,4 +436,5 @@ class Heartbeat(msgspec.Struct):
     prefix_cache_hit_rate: float | None = None  # cached / looked-up prompt tokens, daemon's life
     # defaulted: a beat from a daemon that predates them still decodes
     weight_bytes: int = 0  # the weights in memory (target and draft model)
-    quantization: str = "none"  # none | int8 | int4: weight-only quantized linear layers
+    # none | int8 | int4 | gguf (a GGUF file's own Q4 blocks): weight-only quantized linears
+    quantization: str = "none"
