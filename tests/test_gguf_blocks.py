@@ -93,15 +93,14 @@ def test_auto_greedy_equals_hf_with_the_same_blocks(first_resolve: ResolvedModel
     both drafters at length run on tiny models in test_quantized.py, on the same Int4Linear.)"""
     path = first_resolve.path
     jobs = _jobs(path, EXACT_JOBS, EXACT_TOKENS)
-    with one_torch_thread():
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        keep_gguf_blocks(hf, gguf)
-        reference = {j.request_id: hf_greedy(hf, j.prompt_ids, j.max_tokens) for j in jobs}
-        engine = Engine.from_config(EngineConfig(
-            model=str(gguf), model_cache_dir=str(cache_dir), draft="ngram", device="cpu",
-            dtype="float32", quantization="auto", num_kv_blocks=256, adaptive_speculation=False))
-        assert engine.info().quantization == "gguf"
-        assert run_engine(engine, jobs) == reference
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    keep_gguf_blocks(hf, gguf)
+    reference = {j.request_id: hf_greedy(hf, j.prompt_ids, j.max_tokens) for j in jobs}
+    engine = Engine.from_config(EngineConfig(
+        model=str(gguf), model_cache_dir=str(cache_dir), draft="ngram", device="cpu",
+        dtype="float32", quantization="auto", num_kv_blocks=256, adaptive_speculation=False))
+    assert engine.info().quantization == "gguf"
+    assert run_engine(engine, jobs) == reference
     assert "Paris" in AutoTokenizer.from_pretrained(path).decode(reference["c0"])
 
 
