@@ -94,8 +94,7 @@ def test_perplexity_int8_within_one_percent_of_float32(first_resolve: ResolvedMo
             keep_gguf_blocks(model, gguf)
         else:
             quantize_model(model, quantization)
-        with one_torch_thread():
-            results[quantization] = (perplexity(model, tokenizer), weight_bytes(model))
+        results[quantization] = (perplexity(model, tokenizer), weight_bytes(model))
     print({q: f"ppl {p:.3f}, {b / 1e6:.0f} MB" for q, (p, b) in results.items()})
     (dense, dense_bytes), (int8, _), (int4, int4_bytes), (own, _) = results.values()
     assert abs(int8 / dense - 1) < 0.01
