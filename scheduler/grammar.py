@@ -2,11 +2,11 @@
 applied to the logits before sampling.
 
 A ``TokenConstraint`` (one per request; built by the engine from a compiled grammar) says which
-tokens may come next. A step with constrained rows fills one bitmask (bit ``t % 32`` of word
-``t // 32`` allows token ``t``) whose rows of constrained sequences come from their matchers and
-whose other rows allow everything, and sets the disallowed logits to -inf in one pass, so greedy
-takes the best allowed token and sampling draws from the distribution renormalised over the
-allowed ones. A step without a constrained row does no mask work at all.
+tokens may come next. A step with constrained rows fills one bitmask with a row per constrained
+logits row (bit ``t % 32`` of word ``t // 32`` allows token ``t``), from their matchers, and sets
+those rows' disallowed logits to -inf in place, so greedy takes the best allowed token and
+sampling draws from the distribution renormalised over the allowed ones. Unconstrained rows are
+never touched, and a step without a constrained row does no mask work at all.
 
 Speculation: a draft row's mask is the matcher's after the drafts before it (accepted, masked,
 then rolled back), so the verifier's p at every position is the constrained distribution; with
@@ -102,24 +102,35 @@ def _advance(constraint: TokenConstraint, drafts: Sequence[int]) -> int:
 
 def mask_rows(items: Sequence[Drafted], logits: torch.Tensor,
               with_drafts: bool) -> torch.Tensor:
-    """Mask the logits of every constrained item; without one, nothing is done at all.
+    """Mask the logits of every constrained item, in place; without one, nothing is done at all.
 
     ``with_drafts``: each item owns ``len(draft_token_ids) + 1`` consecutive rows (verification);
-    else one row each, the position after its drafts so far (a draft model's next pass). The
-    rows of unconstrained items keep an all-allowed mask.
+    else one row each, the position after its drafts so far (a draft model's next pass). Only
+    the constrained items' rows are read and written: unconstrained rows cost nothing.
     """
-    if all(item.constraint is None for item in items):
-        return logits
-    bitmask = allocate_bitmask(logits.shape[0], logits.shape[-1])
+    spans: list[tuple[TokenConstraint, Sequence[int], int, int]] = []  # constraint, drafts, rows
     row = 0
     for item in items:
-        constraint = item.constraint
-        if constraint is not None and with_drafts:
-            fill_along(constraint, item.draft_token_ids, bitmask, row)
-        elif constraint is not None:
-            _fill_after(constraint, item.draft_token_ids, bitmask, row)
-        row += len(item.draft_token_ids) + 1 if with_drafts else 1
-    return apply_bitmask(logits, bitmask)
+        num_rows = len(item.draft_token_ids) + 1 if with_drafts else 1
+        if item.constraint is not None:
+            spans.append((item.constraint, item.draft_token_ids, row, num_rows))
+        row += num_rows
+    if not spans:
+        return logits
+    rows = torch.cat([torch.arange(first, first + n) for _, _, first, n in spans])
+    bitmask = allocate_bitmask(len(rows), logits.shape[-1])
+    local = 0
+    for constraint, drafts, _, num_rows in spans:
+        if with_drafts:
+            fill_along(constraint, drafts, bitmask, local)
+        else:
+            _fill_after(constraint, drafts, bitmask, local)
+        local += num_rows
+    rows = rows.to(logits.device)
+    masked = apply_bitmask(logits.index_select(0, rows), bitmask)
+    with torch.inference_mode():  # the forward's logits are inference tensors
+        logits.index_copy_(0, rows, masked)
+    return logits
 
 
 def _fill_after(constraint: TokenConstraint, drafts: Sequence[int], bitmask: torch.Tensor,
