@@ -336,6 +336,20 @@ def start_thread_daemon(model: str, redis_url: str, prefix: str,
     return ThreadDaemon(config, load_engine(config.engine_config())).start()
 
 
+@contextlib.contextmanager
+def serving_thread_daemon(model: str, redis_url: str, prefix: str,
+                          **overrides: Any) -> Iterator[ThreadDaemon]:
+    """``start_thread_daemon`` for a module fixture: stopped afterwards and its keys deleted."""
+    daemon = start_thread_daemon(model, redis_url, prefix, **overrides)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
+
+
 # A "zygote" pays the torch/transformers import once and forks each daemon from it, so a test
 # can start (and kill -9) dozens of real daemon processes on two cores. Children are ordinary
 # processes running ``helix_daemon.server.run.serve``; the zygote reaps them and reports exit codes.

@@ -25,6 +25,7 @@ from tests.daemon_harness import (
     is_finished,
     one_torch_thread,
     read_result,
+    serving_thread_daemon,
     start_thread_daemon,
     wait_until,
 )
@@ -104,12 +105,8 @@ def test_reserved_template_kwargs_are_invalid_requests(engine: Engine, kwargs: d
 @pytest.fixture(scope="module")
 def tiny_daemon(tiny_model_path: Path, redis_url: str) -> Iterator[tuple[ThreadDaemon, str]]:
     prefix = f"helixtest-chat-{id(tiny_model_path):x}"
-    daemon = start_thread_daemon(str(tiny_model_path), redis_url, prefix)
-    yield daemon, prefix
-    daemon.stop()
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{prefix}:*"):
-        client.delete(key)
+    with serving_thread_daemon(str(tiny_model_path), redis_url, prefix) as daemon:
+        yield daemon, prefix
 
 
 def test_messages_on_a_model_without_template_is_invalid_request(

@@ -29,7 +29,7 @@ from tests.daemon_harness import (
     enqueue,
     is_finished,
     read_result,
-    start_thread_daemon,
+    serving_thread_daemon,
     wait_until,
 )
 from tests.engine_utils import _dense, greedy, hf_greedy, make_engine
@@ -214,12 +214,8 @@ def test_abort_while_waiting_for_the_grammar(tiny_model_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_daemon(tiny_model_path: Path, redis_url: str) -> Iterator[tuple[ThreadDaemon, str]]:
     prefix = f"helixtest-grammar-{id(tiny_model_path):x}"
-    daemon = start_thread_daemon(str(tiny_model_path), redis_url, prefix)
-    yield daemon, prefix
-    daemon.stop()
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{prefix}:*"):
-        client.delete(key)
+    with serving_thread_daemon(str(tiny_model_path), redis_url, prefix) as daemon:
+        yield daemon, prefix
 
 
 def test_bad_grammars_are_invalid_requests_through_redis(
